@@ -1,0 +1,1 @@
+"""Shipped tuned kernel configs (JSON), installed as package data ``fp8conv.tuning_cache``."""
