@@ -66,3 +66,34 @@ def cosine(out: torch.Tensor, ref: torch.Tensor) -> float:
     if den == 0:
         return 1.0 if o.norm().item() == r.norm().item() else 0.0
     return (o @ r).item() / den
+
+
+# -- distribution and ranking agreement (fp8conv verify) -----------------------------------------
+
+def kl_divergence(logits_out: torch.Tensor, logits_ref: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(ref) || softmax(out)) in nats; rows are the leading dims, classes
+    the last. Float64 log-softmax: the FP8-vs-FP16 gaps we gate on are ~1e-4 nats, below float32's
+    resolution of a sum over 8192 classes."""
+    if logits_out.shape != logits_ref.shape:
+        raise ValueError(f"shape mismatch: {tuple(logits_out.shape)} vs {tuple(logits_ref.shape)}")
+    k = logits_ref.shape[-1]
+    lo = torch.log_softmax(logits_out.detach().double().reshape(-1, k), dim=-1)
+    lr = torch.log_softmax(logits_ref.detach().double().reshape(-1, k), dim=-1)
+    if lr.shape[0] == 0:
+        return 0.0
+    return (lr.exp() * (lr - lo)).sum(-1).mean().item()
+
+
+def kendall_tau(a: list | torch.Tensor, b: list | torch.Tensor) -> float:
+    """Kendall's tau-a between two equally long sequences of scores or ranks (no ties expected: beam
+    ranks are distinct). 1 = same order, -1 = reversed; nan for fewer than two items."""
+    x = torch.as_tensor(a, dtype=torch.float64).flatten()
+    y = torch.as_tensor(b, dtype=torch.float64).flatten()
+    if x.shape != y.shape:
+        raise ValueError(f"length mismatch: {x.numel()} vs {y.numel()}")
+    n = x.numel()
+    if n < 2:
+        return math.nan
+    sx = torch.sign(x[:, None] - x[None, :])
+    sy = torch.sign(y[:, None] - y[None, :])
+    return ((sx * sy).sum() / (n * (n - 1))).item()
