@@ -29,3 +29,62 @@ class KernelConfig:
         if unknown:
             raise ValueError(f"unknown KernelConfig keys: {sorted(unknown)}")
         return cls(**d)
+
+
+# -- documented defaults (used when no tuned config applies; see docs/kernels.md) ---------------------
+#
+# fp8_gemm (per-token x per-channel, _nt): BLOCK_K 128 (one 128-byte FP8 row segment per TMA box);
+#   decode-sized M (<= 64) takes BLOCK_M 64 (the smallest wgmma M) and narrow BLOCK_N so more programs
+#   stream the weight; larger M takes 128 x 128 tiles, 8 warps (two warpgroups), 4 stages
+#   (4 x 32 KiB of shared memory).
+# fp8_grouped_gemm (block-scaled, grouped): BLOCK_K must be 128 (one weight block / activation group
+#   per K step). For the fused gate/up GEMM BLOCK_N must be 256 (128 gate + 128 up rows of one
+#   block each, giving one 128-wide 1x128 quantization group of the SwiGLU output); the down GEMM takes
+#   BLOCK_N 128. BLOCK_M is also the per-expert padding of the token segments.
+# act_quant: only num_warps matters (one row per program).
+
+def default_config(kernel: str, m: int, n: int, k: int) -> KernelConfig:
+    """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "act_quant") at
+    M tokens (rows per expert for the grouped GEMM: total rows / experts), N outputs, K inputs."""
+    if kernel == "fp8_gemm":
+        if m <= 64:
+            return KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+        if m <= 1024:
+            return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+        return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+    if kernel == "fp8_grouped_gemm":
+        # n is the packed weight's rows: 2 * I_padded for gate/up (SwiGLU fused), d for down
+        bn = 256 if n > k else 128
+        if m <= 64:
+            return KernelConfig(BLOCK_M=64, BLOCK_N=bn, BLOCK_K=128, GROUP_M=1, num_warps=4 if bn == 128 else 8,
+                                num_stages=3)
+        return KernelConfig(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    if kernel == "act_quant":
+        return KernelConfig(num_warps=4 if k <= 2048 else 8)
+    raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm' or 'act_quant'")
+
+
+def resolve_config(kernel: str, m: int, n: int, k: int) -> tuple[KernelConfig, str]:
+    """A tuned config from the tuning cache (issue 5, fp8conv.tuning.lookup) when that module exists
+    and has one, else the documented default. Returns (config, source) so callers can report it."""
+    try:
+        from fp8conv.tuning.lookup import get_config
+    except ImportError:
+        return default_config(kernel, m, n, k), "default"
+    try:
+        got = get_config(kernel, n, k, m)
+    except Exception as exc:  # a broken cache must not take serving down; say so
+        import warnings
+
+        warnings.warn(f"tuning lookup failed for {kernel} (m={m}, n={n}, k={k}): {exc}; using the default")
+        got = None
+    if got is None:
+        return default_config(kernel, m, n, k), "default"
+    if isinstance(got, tuple):  # (config, source) if the lookup reports where it came from
+        cfg = got[0]
+        src = str(got[1]) if len(got) > 1 else "tuned"
+    else:
+        cfg, src = got, "tuned"
+    if isinstance(cfg, dict):
+        cfg = KernelConfig.from_dict(cfg)
+    return cfg, src

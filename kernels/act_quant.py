@@ -1,0 +1,127 @@
+"""Dynamic FP8 activation quantization, alone or fused with its producer (RMSNorm, SwiGLU).
+
+One kernel, one row per program. The row is viewed as a (NG, 128) tile (NG = groups of 128 columns,
+padded to a power of two), so per-token (one scale per row) and 1x128-group (one scale per group)
+quantization share the code; the producer is applied in registers first, so the activation crosses
+memory once: read in its dtype, written as FP8 plus float32 scales.
+
+Numerics follow fp8conv.numerics exactly: the producer's result is rounded to the activation dtype (as
+the reference backend's unfused ops do), scale = amax / 448 with IEEE division (an all-zero row or
+group gets 1), q = cast(clamp(y / scale, -448, 448)) with IEEE division (``tl.div_rn``: Triton's ``/`` on
+float32 is an approximate division) and round-to-nearest-even.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8conv.kernels.config import KernelConfig
+
+FP8_MAX = 448.0
+GROUP = 128
+
+# producer codes (compile-time)
+_NONE, _RMSNORM, _SWIGLU = 0, 1, 2
+
+
+@triton.jit
+def _act_quant_kernel(
+    # inputs: x (or gate for SwiGLU) and up, row-major with a row stride; RMSNorm weight
+    x_ptr, u_ptr, w_ptr, stride_x, stride_u, eps,
+    # outputs: q (M, K) fp8 contiguous; scale (M, NS) float32 contiguous (NS = 1 or groups)
+    q_ptr, s_ptr, K, NS,
+    PRODUCER: tl.constexpr, PER_GROUP: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS) column index
+    mask = offs < K
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    xf = x.to(tl.float32)
+    if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w
+        ms = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / K
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xf = (xf * (1.0 / tl.sqrt_rn(ms + eps)) * w).to(x.dtype).to(tl.float32)
+    elif PRODUCER == 2:  # SwiGLU: y = silu(gate) * up
+        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+        xf = (xf * tl.sigmoid(xf) * u).to(x.dtype).to(tl.float32)
+    ax = tl.abs(xf)
+    if PER_GROUP:
+        amax = tl.max(ax, axis=1)  # (NG,)
+        scale = tl.div_rn(amax, 448.0)
+        scale = tl.where(amax == 0.0, 1.0, scale)
+        q = tl.div_rn(xf, scale[:, None])
+        gi = tl.arange(0, NG)
+        tl.store(s_ptr + row * NS + gi, scale, mask=gi < NS)
+    else:
+        amax = tl.max(tl.max(ax, axis=1), axis=0)
+        scale = tl.div_rn(amax, 448.0)
+        scale = tl.where(amax == 0.0, 1.0, scale)
+        q = tl.div_rn(xf, scale)
+        tl.store(s_ptr + row, scale)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"Expected {name} to be 2-D (tokens, features), got shape {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        raise ValueError(f"Expected {name} to have unit stride along features, got strides {x.stride()}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"Expected {name} to be bfloat16, float16 or float32, got {x.dtype} instead.")
+
+
+def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig | None):
+    m, k = x.shape
+    ng_real = triton.cdiv(k, GROUP)
+    ns = ng_real if per_group else 1
+    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(m, ns, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, s
+    ng = triton.next_power_of_2(ng_real)
+    num_warps = config.num_warps if config is not None else (4 if ng * GROUP <= 2048 else 8)
+    _act_quant_kernel[(m,)](
+        x, u if u is not None else x, w if w is not None else x,
+        x.stride(0), u.stride(0) if u is not None else 0, float(eps),
+        q, s, k, ns,
+        PRODUCER=producer, PER_GROUP=per_group, NG=ng, GS=GROUP, num_warps=num_warps,
+    )
+    return q, s
+
+
+def per_token_quant(x: torch.Tensor, config: KernelConfig | None = None):
+    """x (M, K) bf16/fp16/fp32, unit column stride -> (q (M, K) float8_e4m3fn contiguous, scale (M, 1)
+    float32). Bit-compatible with fp8conv.numerics.quantize_per_token (up to the cast, see module doc)."""
+    _check_rows(x, "x")
+    return _launch(x, None, None, 0.0, _NONE, False, config)
+
+
+def per_group_quant(x: torch.Tensor, config: KernelConfig | None = None):
+    """x (M, K) -> (q (M, K) fp8, scale (M, ceil(K/128)) float32): 1x128 groups, a partial last group."""
+    _check_rows(x, "x")
+    return _launch(x, None, None, 0.0, _NONE, True, config)
+
+
+def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, per_group: bool = False,
+                  config: KernelConfig | None = None):
+    """quantize(rms_norm(x, weight, eps)) in one pass. x (M, K); weight (K,) any float dtype.
+    The normalized row is rounded to x.dtype before quantization, as ops.rms_norm returns it."""
+    _check_rows(x, "x")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"Expected the norm weight to have shape ({x.shape[1]},), got {tuple(weight.shape)}")
+    return _launch(x, None, weight.contiguous(), eps, _RMSNORM, per_group, config)
+
+
+def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, per_group: bool = False,
+                 config: KernelConfig | None = None):
+    """quantize(silu(gate) * up) in one pass. gate, up (M, I) with unit column stride (views into one
+    (M, 2I) GEMM output are fine). The product is rounded to gate.dtype before quantization."""
+    _check_rows(gate, "gate")
+    _check_rows(up, "up")
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs "
+                         f"{tuple(up.shape)} {up.dtype}")
+    return _launch(gate, up, None, 0.0, _SWIGLU, per_group, config)

@@ -1,0 +1,185 @@
+"""FP8 GEMM, per-token activation scales x per-channel weight scales, ``_nt`` layout.
+
+    out[m, n] = (sum_k A[m, k] * B[n, k]) * a_scale[m] * b_scale[n]     (FP32 accumulate)
+
+Two kernels compute the same thing:
+
+- ``_fp8_gemm_nt_tma_kernel``: persistent (one program per SM walks the output tiles in GROUP_M-swizzled
+  order), A/B tiles through TMA tensor descriptors (host-built ``TensorDescriptor``; out-of-bounds reads
+  are zero-filled, out-of-bounds writes dropped, so M, N and K tails need no masks), ``tl.dot`` on FP8
+  operands (wgmma on Hopper), scales applied once in the epilogue. Needs 16-byte aligned row strides:
+  K % 16 == 0 and N % 8 == 0 (for a 2-byte output).
+- ``_fp8_gemm_nt_kernel``: plain pointer loads with masks; any shape, any (unit-column) stride. Used
+  when the TMA alignment does not hold, when the Triton build lacks tensor descriptors, or on request.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8conv.kernels.config import KernelConfig, default_config
+
+KERNEL_NAME = "fp8_gemm"
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # GROUP_M swizzle: consecutive tiles share a band of GROUP_M row blocks, so B tiles are reused from L2
+    width = GROUP_M * num_pid_n
+    group = tile // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % width) % size_m
+    pid_n = (tile % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _fp8_gemm_nt_kernel(
+    # A (M, K) fp8, B (N, K) fp8, out (M, N)
+    a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
+    M, N, K,
+    stride_am, stride_bn, stride_cm,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (offs_k + k0) < K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
+        acc = tl.dot(a, b.T, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    # epilogue: per-token x per-channel scales
+    sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+    acc = acc * sa[:, None] * sb[None, :]
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _fp8_gemm_nt_tma_kernel(
+    # descriptors: A (M, K) fp8 [BLOCK_M, BLOCK_K], B (N, K) fp8 [BLOCK_N, BLOCK_K], C (M, N) [BLOCK_M, BLOCK_N]
+    a_desc, b_desc, c_desc, as_ptr, bs_ptr,
+    M, N, K,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            b = b_desc.load([off_n, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+        sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+        acc = acc * sa[:, None] * sb[None, :]
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 4  # interpreter: a few programs exercise the persistent loop
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tensor_descriptor():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton < 3.4
+        return None
+    return TensorDescriptor
+
+
+def tma_ok(m: int, n: int, k: int, out_dtype: torch.dtype) -> bool:
+    """Whether the TMA kernel can take this problem: 16-byte aligned row strides for A/B (fp8) and C."""
+    return _tensor_descriptor() is not None and k % 16 == 0 and (n * torch.empty((), dtype=out_dtype).element_size()) % 16 == 0
+
+
+def _check(a, a_scale, b, b_scale, out_dtype):
+    for t, name in ((a, "a"), (b, "b")):
+        if t.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"Expected {name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
+        if t.dim() != 2 or t.stride(1) != 1:
+            raise ValueError(f"Expected {name} to be 2-D with unit column stride, got shape "
+                             f"{tuple(t.shape)} strides {t.stride()}")
+    m, k = a.shape
+    n, kb = b.shape
+    if k != kb:
+        raise ValueError(f"K mismatch: a is {tuple(a.shape)}, b is {tuple(b.shape)}")
+    if a_scale.numel() != m or a_scale.dtype != torch.float32:
+        raise ValueError(f"Expected a_scale of {m} float32 values (shape ({m}, 1)), got "
+                         f"{tuple(a_scale.shape)} {a_scale.dtype}")
+    if b_scale.numel() != n or b_scale.dtype != torch.float32:
+        raise ValueError(f"Expected b_scale of {n} float32 values (shape ({n}, 1)), got "
+                         f"{tuple(b_scale.shape)} {b_scale.dtype}")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    return m, n, k
+
+
+def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                out_dtype: torch.dtype = torch.bfloat16, config: KernelConfig | None = None,
+                variant: str = "auto") -> torch.Tensor:
+    """out (M, N) = (A @ B^T) * a_scale * b_scale^T, FP32 accumulation, written in ``out_dtype``.
+
+    a:       (M, K) float8_e4m3fn, unit column stride (any row stride; TMA wants it contiguous).
+    a_scale: (M, 1) float32, contiguous (per token).
+    b:       (N, K) float8_e4m3fn, unit column stride (the weight as stored: out x in).
+    b_scale: (N, 1) float32, contiguous (per output channel).
+    out_dtype: bfloat16 (default), float16 or float32.
+    Any M, N, K >= 1. variant: "auto" (TMA persistent when K % 16 == 0, N*elem % 16 == 0 and A/B are
+    contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the tuned or default one).
+    """
+    m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    cfg = config or default_config(KERNEL_NAME, m, n, k)
+    a_scale = a_scale.reshape(-1).contiguous()
+    b_scale = b_scale.reshape(-1).contiguous()
+    use_tma = variant == "tma" or (variant == "auto" and tma_ok(m, n, k, out_dtype)
+                                   and a.is_contiguous() and b.is_contiguous())
+    if use_tma:
+        TD = _tensor_descriptor()
+        a_d = TD.from_tensor(a.contiguous(), [cfg.BLOCK_M, cfg.BLOCK_K])
+        b_d = TD.from_tensor(b.contiguous(), [cfg.BLOCK_N, cfg.BLOCK_K])
+        c_d = TD.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N])
+        sms = _num_sms(a.device.index or 0)
+        tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
+        grid = (min(sms, tiles),)
+        _fp8_gemm_nt_tma_kernel[grid](
+            a_d, b_d, c_d, a_scale, b_scale, m, n, k,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+            NUM_SMS=grid[0], num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    _fp8_gemm_nt_kernel[grid](
+        a, b, out, a_scale, b_scale, m, n, k, a.stride(0), b.stride(0), out.stride(0),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

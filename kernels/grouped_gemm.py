@@ -1,0 +1,320 @@
+"""Block-scaled FP8 grouped GEMM for the routed experts of one MoE layer, and the steps around it.
+
+The pipeline (``fused_experts``), for T tokens routed to top-k of E experts:
+
+1. ``per_group_quant(x)``: 1x128-group FP8 activations, once per token (not per routed copy).
+2. ``moe_align``: sort the T*k (token, slot) pairs by expert and pad each expert's segment to a multiple
+   of ALIGN_M rows, with torch ops and no host synchronisation (buffers are sized for the worst case).
+3. ``grouped_gemm_block_fp8(..., swiglu=True)``: one launch for every expert's gate and up projection
+   against the packed [E, 2*Ip, d] weight (gate and up interleaved in 128-row blocks, see
+   ``pack_experts``); the epilogue applies SwiGLU and quantizes the result in 1x128 groups, so the
+   down projection's input is written once, as FP8.
+4. ``grouped_gemm_block_fp8(..., swiglu=False)``: one launch for the down projections; each row lands
+   at its (token, slot) row of a (T*k, d) buffer.
+5. ``combine_topk``: out[t] = sum_j w[t, j] * y[t*k + j], summed in float32 (deterministic, no atomics).
+
+Numerics follow the reference backend: gate/up outputs are rounded to the activation dtype before
+SwiGLU, SwiGLU's output is rounded before its quantization, each expert's output is rounded before the
+weighted float32 sum. Weight scales are per 128x128 block, activation scales per 1x128 group; both are
+applied to each K block's partial product (BLOCK_K must be 128).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from fp8conv.kernels.act_quant import per_group_quant
+from fp8conv.kernels.config import KernelConfig, default_config
+
+KERNEL_NAME = "fp8_grouped_gemm"
+BLOCK = 128
+_ACT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+# -- packing (load time) -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """w13: [E, 2*Ip, d] fp8, gate block j at rows [256j, 256j+128), up block j at [256j+128, 256j+256);
+    s13: [E, 2*Ip/128, ceil(d/128)] float32 in the same order; w2: [E, d, I] fp8; s2: [E, ceil(d/128),
+    ceil(I/128)]. Ip = I rounded up to 128: padded rows are zero, so no block straddles gate and up."""
+
+    w13: torch.Tensor
+    s13: torch.Tensor
+    w2: torch.Tensor
+    s2: torch.Tensor
+    inter: int
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+
+def _interleave_blocks(g: torch.Tensor, u: torch.Tensor, rows_per_block: int) -> torch.Tensor:
+    e, r = g.shape[0], g.shape[1]
+    nb = r // rows_per_block
+    rest = g.shape[2:]
+    g = g.reshape(e, nb, rows_per_block, *rest)
+    u = u.reshape(e, nb, rows_per_block, *rest)
+    return torch.stack([g, u], dim=2).reshape(e, 2 * r, *rest)
+
+
+def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_scale: torch.Tensor,
+                 up_scale: torch.Tensor, down_scale: torch.Tensor) -> PackedExperts:
+    """Pack ops.Experts-style block-FP8 tensors (gate/up [E, I, d], down [E, d, I], block scales
+    [E, ceil(rows/128), ceil(cols/128)]) for the grouped kernels."""
+    for t, name in ((gate, "gate"), (up, "up"), (down, "down")):
+        if t.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"Expected experts.{name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
+    e, inter, d = gate.shape
+    if up.shape != gate.shape or down.shape != (e, d, inter):
+        raise ValueError(f"expert shapes disagree: gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
+                         f"down {tuple(down.shape)}")
+    ib, db = triton.cdiv(inter, BLOCK), triton.cdiv(d, BLOCK)
+    for s, want, name in ((gate_scale, (e, ib, db), "gate"), (up_scale, (e, ib, db), "up"),
+                          (down_scale, (e, db, ib), "down")):
+        if s is None or tuple(s.shape) != want:
+            raise ValueError(f"Expected experts.{name}_scale of shape {want} (128x128 blocks), got "
+                             f"{None if s is None else tuple(s.shape)}")
+    ip = ib * BLOCK
+    pad = ip - inter
+    g8 = gate.view(torch.uint8)  # plain bytes: padding and stacking need no FP8 kernels
+    u8 = up.view(torch.uint8)
+    if pad:
+        g8 = torch.nn.functional.pad(g8, (0, 0, 0, pad))
+        u8 = torch.nn.functional.pad(u8, (0, 0, 0, pad))
+    w13 = _interleave_blocks(g8, u8, BLOCK).contiguous().view(torch.float8_e4m3fn)
+    s13 = _interleave_blocks(gate_scale.float(), up_scale.float(), 1).contiguous()
+    return PackedExperts(w13, s13, down.contiguous(), down_scale.float().contiguous(), inter)
+
+
+# -- align / permute -----------------------------------------------------------------------------------
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int, align_m: int):
+    """Group the T*k routed rows by expert, each expert's segment padded to a multiple of align_m.
+
+    Returns (sorted_ids int32 [P], block_expert int32 [P // align_m]) with P = T*k + E*(align_m-1)
+    rounded up to align_m (the worst case, so nothing waits on the GPU): sorted_ids[p] is the flat
+    (token*k + slot) index of padded row p, or T*k for padding; block_expert[b] is the expert of rows
+    [b*align_m, (b+1)*align_m), or -1 past the last used block.
+    """
+    dev = topk_ids.device
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.index_add_(0, flat, torch.ones_like(flat))  # bincount without a host sync
+    padded = (counts + align_m - 1) // align_m * align_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    cnt_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    exp_sorted = flat[order]
+    pos = pad_start[exp_sorted] + torch.arange(n, device=dev) - cnt_start[exp_sorted]
+    total = triton.cdiv(n + num_experts * (align_m - 1), align_m) * align_m
+    sorted_ids = torch.full((total,), n, dtype=torch.int32, device=dev)
+    sorted_ids[pos] = order.to(torch.int32)
+    starts = torch.arange(0, total, align_m, device=dev)
+    block_expert = torch.searchsorted(pad_end, starts, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_ids, block_expert
+
+
+# -- the grouped GEMM ----------------------------------------------------------------------------------
+
+@triton.jit
+def _grouped_gemm_block_fp8_kernel(
+    # A (rows, K) fp8 + group scales (rows, ceil(K/128)); B [E, N, K] fp8 + block scales [E, N/128, K/128]
+    a_ptr, as_ptr, b_ptr, bs_ptr,
+    # routing: sorted_ids [P], block_expert [P / ALIGN_M]
+    sid_ptr, bexp_ptr,
+    # outputs: SWIGLU: q (P, N/2) fp8 + scales (P, N/256); else y (num_valid, N) at row sorted_ids[p]
+    c_ptr, cs_ptr,
+    N, K, num_valid,
+    stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
+    # meta
+    TOPK: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
+    ALIGN_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    expert = tl.load(bexp_ptr + (pid_m * BLOCK_M) // ALIGN_M).to(tl.int64)
+    if expert < 0:
+        return
+    offs_p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = tl.load(sid_ptr + offs_p)
+    valid = tok < num_valid
+    if GATHER:
+        a_row = tl.where(valid, tok // TOPK, 0).to(tl.int64)
+    else:
+        a_row = offs_p.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
+    as_ptrs = as_ptr + a_row * stride_asm
+    bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // BLOCK_K) * stride_bsn
+    nmask = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        kmask = (offs_k + kb * BLOCK_K) < K
+        a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)
+        sb = tl.load(bs_ptrs + kb, mask=nmask, other=0.0)
+        # block scales change every K block, so each block's product is scaled before accumulation
+        acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    if SWIGLU:
+        # tile columns = [gate block, up block] of one 128-row block pair
+        g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        if ACT == 0:
+            g = g.to(tl.bfloat16).to(tl.float32)
+            u = u.to(tl.bfloat16).to(tl.float32)
+        elif ACT == 1:
+            g = g.to(tl.float16).to(tl.float32)
+            u = u.to(tl.float16).to(tl.float32)
+        h = g * tl.sigmoid(g) * u
+        if ACT == 0:
+            h = h.to(tl.bfloat16).to(tl.float32)
+        elif ACT == 1:
+            h = h.to(tl.float16).to(tl.float32)
+        amax = tl.max(tl.abs(h), axis=1)
+        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+        q = tl.div_rn(h, scale[:, None])
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        rows = offs_p.to(tl.int64)
+        tl.store(c_ptr + rows[:, None] * stride_cm + offs_h[None, :], q.to(c_ptr.dtype.element_ty))
+        tl.store(cs_ptr + rows * stride_csm + pid_n, scale)
+    else:
+        rows = tl.where(valid, tok, 0).to(tl.int64)
+        c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+
+
+def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                           sorted_ids: torch.Tensor, block_expert: torch.Tensor, *, topk: int,
+                           swiglu: bool, out_dtype: torch.dtype = torch.bfloat16, align_m: int | None = None,
+                           num_valid: int | None = None, config: KernelConfig | None = None):
+    """Block-scaled FP8 grouped GEMM over expert-sorted rows, one launch for all experts.
+
+    Rows: ``sorted_ids``/``block_expert`` from ``moe_align(topk_ids, E, align_m)``; P = len(sorted_ids).
+    b:       [E, N, K] float8_e4m3fn, contiguous (packed w13 with N = 2*Ip when swiglu, else w2).
+    b_scale: [E, ceil(N/128), ceil(K/128)] float32, contiguous (128x128 blocks).
+    swiglu=True (gate/up): a is (T, K) fp8 = the per-token activations (row of padded row p is
+      sorted_ids[p] // topk), a_scale (T, ceil(K/128)) float32; N % 256 == 0; returns
+      (h_q (P, N/2) fp8, h_scale (P, N/256) float32): SwiGLU of the gate/up halves rounded to
+      ``out_dtype`` and quantized in 1x128 groups; padding rows hold zeros (scale 1).
+    swiglu=False (down): a is (P, K') fp8 in padded order (h_q above; K' >= K, extra columns ignored),
+      a_scale (P, ceil(K'/128)); returns y (T*topk, N) ``out_dtype``, row sorted_ids[p] = expert output.
+    Strides: a, a_scale unit column stride. Any K (masked); BLOCK_K must be 128; swiglu needs
+    BLOCK_N == 256; BLOCK_M must divide align_m (default: config.BLOCK_M).
+    """
+    cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
+                                   b.shape[1], b.shape[2])
+    align_m = align_m or cfg.BLOCK_M
+    if cfg.BLOCK_K != BLOCK:
+        raise ValueError(f"the block-scaled grouped GEMM needs BLOCK_K == 128 (one scale block per K "
+                         f"step), got {cfg.BLOCK_K}")
+    if align_m % cfg.BLOCK_M:
+        raise ValueError(f"BLOCK_M {cfg.BLOCK_M} must divide the alignment {align_m} of the sorted rows")
+    for t, name in ((a, "a"), (b, "b")):
+        if t.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"Expected {name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
+    if out_dtype not in _ACT_CODE:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    e, n, k = b.shape
+    b, b_scale = b.contiguous(), b_scale.contiguous()
+    if tuple(b_scale.shape) != (e, triton.cdiv(n, BLOCK), triton.cdiv(k, BLOCK)):
+        raise ValueError(f"Expected b_scale of shape {(e, triton.cdiv(n, BLOCK), triton.cdiv(k, BLOCK))}, "
+                         f"got {tuple(b_scale.shape)}")
+    if a.stride(1) != 1 or a_scale.stride(1) != 1 or a.shape[1] < k:
+        raise ValueError(f"a must be (rows, >= {k}) with unit column stride; got {tuple(a.shape)} {a.stride()}")
+    p = sorted_ids.numel()
+    if p % align_m or block_expert.numel() != p // align_m:
+        raise ValueError("sorted_ids / block_expert do not come from moe_align with this align_m")
+    num_valid = topk * a.shape[0] if (swiglu and num_valid is None) else num_valid
+    if num_valid is None:
+        raise ValueError("num_valid (T * topk) is required for the down GEMM")
+    if swiglu:
+        if n % (2 * BLOCK) or cfg.BLOCK_N != 2 * BLOCK:
+            raise ValueError(f"the fused gate/up GEMM needs N % 256 == 0 and BLOCK_N == 256, got N={n}, "
+                             f"BLOCK_N={cfg.BLOCK_N}")
+        c = torch.empty(p, n // 2, dtype=torch.float8_e4m3fn, device=a.device)
+        cs = torch.empty(p, n // (2 * BLOCK), dtype=torch.float32, device=a.device)
+    else:
+        c = torch.empty(num_valid, n, dtype=out_dtype, device=a.device)
+        cs = c  # unused
+    if p == 0:
+        return (c, cs) if swiglu else c
+    grid = ((p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    _grouped_gemm_block_fp8_kernel[grid](
+        a, a_scale, b, b_scale, sorted_ids, block_expert, c, cs,
+        n, k, num_valid,
+        a.stride(0), a_scale.stride(0), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
+        c.stride(0), cs.stride(0),
+        TOPK=topk, GATHER=swiglu, SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], ALIGN_M=align_m,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (c, cs) if swiglu else c
+
+
+# -- combine ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _combine_kernel(y_ptr, w_ptr, out_ptr, D, TOPK: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        y = tl.load(y_ptr + (t * TOPK + j) * D + offs, mask=mask, other=0.0).to(tl.float32)
+        acc += y * tl.load(w_ptr + t * TOPK + j)
+    tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine_topk(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """y (T*k, d) contiguous, topk_weights (T, k) -> out (T, d) in y.dtype, float32 sum in slot order."""
+    t, k = topk_weights.shape
+    d = y.shape[1]
+    out = torch.empty(t, d, dtype=y.dtype, device=y.device)
+    if t:
+        _combine_kernel[(t,)](y.contiguous(), topk_weights.float().contiguous(), out, d, TOPK=k,
+                              BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+    return out
+
+
+def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, packed: PackedExperts,
+                  config_gate_up: KernelConfig | None = None, config_down: KernelConfig | None = None):
+    """Routed experts, block FP8: x (T, d) bf16/fp16; topk_ids (T, k) int; topk_weights (T, k) float32
+    -> (T, d) in x.dtype. Same result as ReferenceBackend.experts within the kernels' tolerance."""
+    t, d = x.shape
+    k = topk_ids.shape[1]
+    e = packed.num_experts
+    rows_per_expert = max(1, t * k // e)
+    cfg1 = config_gate_up or default_config(KERNEL_NAME, rows_per_expert, packed.w13.shape[1], d)
+    cfg2 = config_down or default_config(KERNEL_NAME, rows_per_expert, d, packed.inter)
+    align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
+    xq, xs = per_group_quant(x)
+    sorted_ids, block_expert = moe_align(topk_ids, e, align_m)
+    hq, hs = grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sorted_ids, block_expert, topk=k,
+                                    swiglu=True, out_dtype=x.dtype, align_m=align_m, config=cfg1)
+    y = grouped_gemm_block_fp8(hq, hs, packed.w2, packed.s2, sorted_ids, block_expert, topk=k,
+                               swiglu=False, out_dtype=x.dtype, align_m=align_m, num_valid=t * k,
+                               config=cfg2)
+    return combine_topk(y, topk_weights)
