@@ -1,0 +1,211 @@
+"""Step 2 of ``fp8conv verify``: run REF and CAND on the same contexts and compare what they do.
+
+- Beam search on both (the serving path): identical top-1 item, top-N overlap, Kendall tau of the
+  shared items' ranks; Recall@K / NDCG@K of both when the contexts carry labels.
+- Teacher-forced forward passes on the same prefixes for both (REF's best few beams, so that the
+  inputs are the ones beam search actually explores): per-layer output error through the runtime's
+  recording hooks (block outputs, context K/V, head logits), and head logits agreement (cosine, KL).
+
+Per-layer errors are pooled over all prefixes of a layer; "contribution" is how much relative noise
+power (noise / signal, the inverse of SQNR) a decoder layer adds to what the previous one had, which is
+how a broken layer deep in the residual stream is told apart from error it merely inherited.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from fp8conv.metrics import cosine, kendall_tau, kl_divergence, rel_error, sqnr_db
+
+# How many of REF's best beams per user are replayed teacher-forced through both models.
+REPLAY_BEAMS = 4
+_LAYER = re.compile(r"^model\.layers\.(\d+)$")
+
+
+@dataclass(frozen=True)
+class LayerStat:
+    name: str
+    rel_error: float
+    sqnr_db: float
+    drop_db: float  # SQNR of the previous decoder layer minus this one's (nan for non-decoder tensors)
+    contribution: float  # relative noise power added by this layer (>= 0 means it made things worse)
+
+
+@dataclass(frozen=True)
+class HeadStat:
+    head: int
+    cosine: float
+    kl: float
+    top1_agreement: float  # argmax of the logits, per teacher-forced row
+
+
+@dataclass(frozen=True)
+class BeamStat:
+    users: int
+    beam_width: int
+    top_n: int
+    top1_agreement: float
+    topk_overlap: float
+    rank_correlation: float  # mean Kendall tau over users with >= 2 shared items (nan if none)
+    top1_disagreeing_users: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class RecStat:
+    k: int
+    recall_ref: float
+    recall_cand: float
+    ndcg_ref: float
+    ndcg_cand: float
+
+    @property
+    def recall_drop(self) -> float:
+        return _rel_drop(self.recall_ref, self.recall_cand)
+
+    @property
+    def ndcg_drop(self) -> float:
+        return _rel_drop(self.ndcg_ref, self.ndcg_cand)
+
+
+def _rel_drop(ref: float, cand: float) -> float:
+    """Relative drop of CAND below REF (0 when CAND is as good or better)."""
+    if ref <= 0:
+        return 0.0
+    return max(0.0, (ref - cand) / ref)
+
+
+@dataclass(frozen=True)
+class BehaviourReport:
+    layers: tuple[LayerStat, ...]
+    heads: tuple[HeadStat, ...]
+    beam: BeamStat
+    rec: RecStat | None
+    seconds: dict
+
+
+def compare_behaviour(ref_model, cand_model, ctx, beam_width: int, top_n: int, catalogue=None,
+                      clock=None) -> BehaviourReport:
+    from fp8conv.runtime.beam import beam_search
+
+    clock = clock or _Clock()
+    first = len(clock.laps)
+    with torch.inference_mode():
+        res_ref = beam_search(ref_model, ctx, beam_width, top_n=top_n, catalogue=catalogue)
+        clock.lap("beam_ref")
+        res_cand = beam_search(cand_model, ctx, beam_width, top_n=top_n, catalogue=catalogue)
+        clock.lap("beam_cand")
+        beam = beam_agreement(res_ref.items, res_cand.items, beam_width)
+        rec = None if ctx.labels is None else rec_metrics(res_ref.items, res_cand.items, ctx.labels, top_n)
+        layers, heads = replay(ref_model, cand_model, ctx, res_ref.items)
+        clock.lap("replay")
+    return BehaviourReport(layers, heads, beam, rec, dict(clock.laps[first:]))
+
+
+def beam_agreement(items_ref: torch.Tensor, items_cand: torch.Tensor, beam_width: int) -> BeamStat:
+    """items (U, top_n, levels) of both models -> agreement statistics."""
+    u, n = items_ref.shape[0], items_ref.shape[1]
+    top1 = (items_ref[:, 0] == items_cand[:, 0]).all(-1)  # (U,)
+    overlaps, taus = [], []
+    for i in range(u):
+        ref = [tuple(x) for x in items_ref[i].tolist() if min(x) >= 0]  # -1: no valid item
+        cand = [tuple(x) for x in items_cand[i].tolist() if min(x) >= 0]
+        rank_cand = {item: r for r, item in enumerate(cand)}
+        shared = [item for item in ref if item in rank_cand]
+        overlaps.append(len(shared) / n)
+        if len(shared) >= 2:
+            taus.append(kendall_tau(list(range(len(shared))), [rank_cand[it] for it in shared]))
+    return BeamStat(u, beam_width, n, top1.double().mean().item(), sum(overlaps) / u,
+                    sum(taus) / len(taus) if taus else math.nan,
+                    tuple((~top1).nonzero().flatten().tolist()))
+
+
+def rec_metrics(items_ref, items_cand, labels, k: int) -> RecStat:
+    from fp8conv.runtime import beam as beam_mod
+
+    def both(fn):
+        return float(fn(items_ref, labels, k)), float(fn(items_cand, labels, k))
+
+    r_ref, r_cand = both(beam_mod.recall_at_k)
+    n_ref, n_cand = both(beam_mod.ndcg_at_k)
+    return RecStat(k, r_ref, r_cand, n_ref, n_cand)
+
+
+def replay(ref_model, cand_model, ctx, items_ref: torch.Tensor):
+    """Teacher-force REF's best beams through both models (one pass over [BOS, s1, s2] each) and
+    compare what they record: context K/V, block outputs, router scores, head logits."""
+    u, n, levels = items_ref.shape
+    m = min(REPLAY_BEAMS, n)
+    items = items_ref[:, :m].reshape(u * m, levels)  # (U*m, levels)
+    user_index = torch.arange(u).repeat_interleave(m)
+    valid = (items >= 0).all(-1)  # a catalogue may leave a user fewer than m items
+    items, user_index = items[valid], user_index[valid]
+    device = ctx.tokens.device
+    with ref_model.recording() as rec_ref:
+        logits_ref = ref_model.forward_levels(ctx, items.to(device), user_index.to(device))
+    with cand_model.recording() as rec_cand:
+        logits_cand = cand_model.forward_levels(ctx, items.to(device), user_index.to(device))
+    recorded = {name: [(a.flatten().cpu(), b.flatten().cpu()) for a, b in zip(outs, rec_cand.get(name, []))]
+                for name, outs in rec_ref.items()}
+    heads = []
+    for t in range(levels):  # logits (N, levels, K)
+        lr, lc = logits_ref[:, t], logits_cand[:, t]
+        top1 = (lr.argmax(-1) == lc.argmax(-1)).double().mean().item()
+        heads.append(HeadStat(t, cosine(lc, lr), kl_divergence(lc, lr), top1))
+    return _layer_stats({k: v for k, v in recorded.items() if v and not k.startswith("lm_heads.")}), \
+        tuple(heads)
+
+
+def _layer_stats(recorded: dict) -> tuple[LayerStat, ...]:
+    def order(name: str):  # context K/V, then each layer's router scores before its block output
+        m = re.match(r"^model\.layers\.(\d+)(.*)$", name)
+        if m:
+            return 1, int(m.group(1)), m.group(2) == "", name
+        return (0 if name.startswith("context.") else 2), 0, False, name
+
+    out, prev_sqnr, prev_noise = [], math.inf, 0.0
+    for name in sorted(recorded, key=order):
+        ref = torch.cat([a for a, _ in recorded[name]])
+        cand = torch.cat([b for _, b in recorded[name]])
+        s = sqnr_db(cand, ref)
+        noise = 10 ** (-s / 10) if math.isfinite(s) else (0.0 if s > 0 else math.inf)
+        if _LAYER.match(name):
+            out.append(LayerStat(name, rel_error(cand, ref), s, _minus(prev_sqnr, s), noise - prev_noise))
+            prev_sqnr, prev_noise = s, noise
+        else:  # context K/V and heads are not links of the residual chain: their own noise is theirs
+            out.append(LayerStat(name, rel_error(cand, ref), s, math.nan, noise))
+    return tuple(out)
+
+
+def _minus(a: float, b: float) -> float:
+    if math.isinf(a) and math.isinf(b) and a == b:
+        return 0.0
+    return a - b
+
+
+def culprit_layers(layers: tuple[LayerStat, ...], limit: int = 3) -> list[LayerStat]:
+    """The recorded tensors that added the most relative noise, largest first (only those that added
+    a meaningful share: at least a tenth of the largest)."""
+    ranked = sorted((s for s in layers if not s.name.startswith("lm_heads.")),
+                    key=lambda s: s.contribution, reverse=True)
+    if not ranked or not ranked[0].contribution > 0:
+        return []
+    top = ranked[0].contribution
+    return [s for s in ranked[:limit] if s.contribution >= 0.1 * top]
+
+
+class _Clock:
+    def __init__(self):
+        import time
+
+        self._now = time.perf_counter
+        self._t = self._now()
+        self.laps: list[tuple[str, float]] = []
+
+    def lap(self, name: str) -> None:
+        t = self._now()
+        self.laps.append((name, round(t - self._t, 3)))
+        self._t = t
