@@ -1,0 +1,256 @@
+"""Weight statistics of a checkpoint (``fp8conv inspect``): the paper's Figure 1 numbers and FP8 risk.
+
+Per tensor: variance, AbsMax and AbsP99 of the weight values, and for tensors that are (or would be)
+quantized, what FP8 E4M3 does to them under their scheme:
+
+- ``zero_frac``: fraction of the nonzero weights that quantize to exactly 0 (|w / scale| <= 2^-10,
+  half the smallest subnormal). For an FP8 checkpoint the source is gone, so it is the fraction of
+  FP8 codes that are 0.
+- ``subnormal_frac``: fraction whose quantized magnitude is below 2^-6, E4M3's smallest normal, where
+  relative precision degrades (2^-9 steps).
+- ``worst_group_small``: over the quantization groups (rows for ``channel``, 128x128 blocks for
+  ``block``), the largest fraction of a group stored as FP8 zero or subnormal. Above one half the
+  group's median |w| is below amax / 28672 (448 * 2^6): one scale cannot serve its range.
+- ``sqnr_db`` of the dequantized weight (source checkpoints only).
+
+The FP8 figures are read from the bit patterns of the quantized codes (computed with
+fp8conv.numerics, the contract, for source checkpoints). Statistics are exact: variance in float64, AbsP99 the nearest-rank 99th percentile of |w| computed
+with topk / kthvalue over the whole tensor (no sampling). FP8 tensors are dequantized with their
+``weight_scale`` (``q.float() * scale``) first, so their statistics describe the weights the model
+multiplies by. One tensor is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from fp8conv import numerics as fp8
+from fp8conv.errors import UserError
+from fp8conv.metrics import sqnr_db
+
+# Flag a tensor when more than 1% of its nonzero weights become FP8 zeros, or when one quantization
+# group is mostly zero/subnormal: then that group's median |w| is below amax / (448 * 2^6) = amax / 28672
+# and most of it is stored with 3 bits or fewer.
+ZERO_FRAC_LIMIT = 0.01
+GROUP_SMALL_LIMIT = 0.5
+EXACT_KTH_LIMIT = 1 << 24  # above this many elements kthvalue beats topk on memory
+
+# The DESIGN default (the onerec_v2 recipe) for checkpoints without weight_scale tensors, used when
+# fp8conv.recipe is not available. Qwen3-style names fall under the same patterns.
+_BLOCK = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+_CHANNEL = re.compile(r".*\.((q|k|v|o)_proj|(gate|up|down)_proj)\.weight$")
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # as stored
+    scheme: str  # channel | block | keep
+    numel: int
+    variance: float
+    absmax: float
+    absp99: float
+    absmean: float
+    finite: bool
+    zero_frac: float | None = None
+    subnormal_frac: float | None = None
+    worst_group_small: float | None = None
+    sqnr_db: float | None = None
+    risks: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["shape"], d["risks"] = list(self.shape), list(self.risks)
+        return d
+
+
+def default_scheme(name: str, shape: tuple[int, ...]) -> str:
+    """DESIGN's scheme for a tensor of a source (unquantized) checkpoint."""
+    if len(shape) != 2:
+        return "keep"
+    if _BLOCK.match(name):
+        return "block"
+    if _CHANNEL.match(name):
+        return "channel"
+    return "keep"
+
+
+def abs_p99(a: torch.Tensor) -> float:
+    """Nearest-rank 99th percentile of a flat non-negative float tensor (exact)."""
+    n = a.numel()
+    rank = math.ceil(0.99 * n)  # 1-based rank in ascending order
+    if n > EXACT_KTH_LIMIT:
+        return a.kthvalue(rank).values.item()
+    return a.topk(n - rank + 1, sorted=False).values.min().item()
+
+
+def _basic(name, w, stored_dtype, scheme) -> dict:
+    x = w.reshape(-1)
+    if not x.numel():
+        return dict(name=name, shape=tuple(w.shape), dtype=stored_dtype, scheme=scheme, numel=0,
+                    variance=0.0, absmax=0.0, absp99=0.0, absmean=0.0, finite=True)
+    a = x.abs()
+    absmax = a.max().item()  # NaN propagates through max, so this also answers "all finite?"
+    xd = x.double()  # float64: float32 sums over millions of elements drift
+    var, _ = torch.var_mean(xd, unbiased=False)
+    return dict(name=name, shape=tuple(w.shape), dtype=stored_dtype, scheme=scheme, numel=x.numel(),
+                variance=var.item(), absmax=absmax, absp99=abs_p99(a), absmean=xd.abs().mean().item(),
+                finite=math.isfinite(absmax))
+
+
+def _exponent_bits(q: torch.Tensor) -> torch.Tensor:
+    """The 4 exponent bits of FP8 E4M3 codes (uint8). 0 means zero or subnormal (|q| < 2^-6).
+    Integer ops and count_nonzero: bool-mask arithmetic on the CPU is several times slower."""
+    return (q.view(torch.uint8) & 0x7F) >> 3
+
+
+def worst_group_small(exp: torch.Tensor, scheme: str) -> float:
+    """Largest fraction of one quantization group (row or 128x128 block) stored as FP8 zero or
+    subnormal; the padding of edge blocks is not counted."""
+    n, k = exp.shape
+    if scheme == "channel":
+        return 1.0 - torch.count_nonzero(exp, dim=1).min().item() / k
+    b = fp8.BLOCK
+    nb, kb = -(-n // b), -(-k // b)
+    padded = torch.ones(nb * b, kb * b, dtype=torch.uint8)  # padding counts as normal ...
+    padded[:n, :k] = exp
+    small = b * b - torch.count_nonzero(padded.view(nb, b, kb, b), dim=(1, 3))
+    rows = torch.full((nb,), b)
+    rows[-1] = n - (nb - 1) * b
+    cols = torch.full((kb,), b)
+    cols[-1] = k - (kb - 1) * b
+    return (small / (rows[:, None] * cols[None, :])).max().item()  # ... and is divided out here
+
+
+def _fp8_effects(x: torch.Tensor, q: torch.Tensor, scheme: str, source: bool) -> dict:
+    """x: the float32 weight (source) or its dequantized value (FP8 checkpoint); q: the FP8 codes."""
+    numel = q.numel()
+    exp = _exponent_bits(q)
+    zero_codes = numel - torch.count_nonzero(q.view(torch.uint8) & 0x7F).item()
+    small_codes = numel - torch.count_nonzero(exp).item()
+    if source:  # a zero weight is a zero code; count only the nonzero weights that flushed
+        nonzero = torch.count_nonzero(x).item()
+        zero_frac = (zero_codes - (numel - nonzero)) / max(nonzero, 1)
+    else:
+        zero_frac = zero_codes / numel
+    return {"zero_frac": zero_frac, "subnormal_frac": (small_codes - zero_codes) / numel,
+            "worst_group_small": worst_group_small(exp, scheme)}
+
+
+def _risks(s: dict) -> tuple[str, ...]:
+    r = []
+    if not s["finite"]:
+        r.append("non-finite values")
+    if s.get("zero_frac") is not None and s["zero_frac"] > ZERO_FRAC_LIMIT:
+        r.append(f"{s['zero_frac']:.1%} of weights flush to zero in FP8")
+    if s.get("worst_group_small") is not None and s["worst_group_small"] > GROUP_SMALL_LIMIT:
+        r.append(f"a {s['scheme']} group is {s['worst_group_small']:.0%} FP8 zero/subnormal "
+                 "(its range is too wide for one scale)")
+    return tuple(r)
+
+
+def source_stats(name: str, w: torch.Tensor, scheme: str | None = None) -> TensorStats:
+    """Statistics of an unquantized tensor, and what its scheme's FP8 quantization would do to it."""
+    scheme = scheme or default_scheme(name, tuple(w.shape))
+    x = w.float()
+    s = _basic(name, x, str(w.dtype).replace("torch.", ""), scheme)
+    if scheme in ("channel", "block") and w.numel() and s["finite"]:
+        q, scale = (fp8.quantize_channel if scheme == "channel" else fp8.quantize_block)(w)
+        s.update(_fp8_effects(x, q, scheme, source=True))
+        s["sqnr_db"] = sqnr_db(fp8.dequantize(q, scale), x)
+    return TensorStats(**s, risks=_risks(s))
+
+
+def fp8_stats(name: str, q: torch.Tensor, scale: torch.Tensor) -> TensorStats:
+    """Statistics of an FP8 weight, dequantized with its weight_scale first."""
+    if q.dim() != 2:
+        raise UserError(f"tensor '{name}': FP8 weights must be 2-D, got shape {list(q.shape)}")
+    try:
+        w = fp8.dequantize(q, scale)
+    except ValueError as e:
+        raise UserError(f"tensor '{name}_scale': {e}") from None
+    scheme = "channel" if tuple(scale.shape) == (q.shape[0], 1) else "block"
+    s = _basic(name, w, "float8_e4m3fn", scheme)
+    s.update(_fp8_effects(w, q, scheme, source=False))
+    return TensorStats(**s, risks=_risks(s))
+
+
+def iter_checkpoint_stats(ckpt: str | Path) -> Iterator[TensorStats]:
+    """One TensorStats per tensor of the checkpoint, in file order (``X.weight_scale`` folds into its
+    FP8 ``X.weight``). Works on any safetensors folder (OneRec-V2, Qwen3, ...); reads one tensor at a
+    time through safetensors' memory map."""
+    from safetensors import safe_open
+
+    from fp8conv.runtime.loader import tensor_files
+
+    files = tensor_files(ckpt)
+    handles: dict[Path, object] = {}
+
+    def get(name: str) -> torch.Tensor:
+        path = files[name]
+        if path not in handles:
+            try:
+                handles[path] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+        try:
+            return handles[path].get_tensor(name)
+        except Exception as e:
+            raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
+
+    for name in sorted(files, key=lambda n: (str(files[n]), n)):  # one shard after the other
+        if name.endswith("_scale") and name[: -len("_scale")] in files:
+            continue
+        t = get(name)
+        if t.dtype == fp8.FP8_DTYPE:
+            if name + "_scale" not in files:
+                raise UserError(f"{files[name]}: FP8 tensor '{name}' has no '{name}_scale'")
+            yield fp8_stats(name, t, get(name + "_scale"))
+        elif t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            yield source_stats(name, t)
+        # integer / bool buffers carry no weight statistics
+
+
+def tensor_count(ckpt: str | Path) -> int:
+    from fp8conv.runtime.loader import tensor_files
+
+    files = tensor_files(ckpt)
+    return sum(1 for n in files if not (n.endswith("_scale") and n[: -len("_scale")] in files))
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Means over tensors (the paper's Figure 1 statistics), for all tensors and for the quantized ones."""
+
+    tensors: int
+    mean_variance: float
+    mean_absmax: float
+    mean_absp99: float
+    quantized_tensors: int
+    quantized_mean_variance: float
+    quantized_mean_absmax: float
+    quantized_mean_absp99: float
+    risky: int
+
+
+def summarize(stats: list[TensorStats]) -> Summary:
+    def means(xs):
+        if not xs:
+            return 0.0, 0.0, 0.0
+        return (sum(s.variance for s in xs) / len(xs), sum(s.absmax for s in xs) / len(xs),
+                sum(s.absp99 for s in xs) / len(xs))
+
+    q = [s for s in stats if s.scheme != "keep"]
+    return Summary(len(stats), *means(stats), len(q), *means(q), sum(bool(s.risks) for s in stats))
+
+
+def risk_order(s: TensorStats) -> tuple:
+    """Sort key: flagged first, then most zero-flushed, then widest group range."""
+    return (-len(s.risks), -(s.zero_frac or 0.0), -(s.worst_group_small or 0.0), s.name)
