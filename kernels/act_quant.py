@@ -22,6 +22,20 @@ from fp8conv.kernels.config import KernelConfig
 FP8_MAX = 448.0
 GROUP = 128
 
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """float32 x rounded to DTYPE (bf16/fp16/fp32) and back, round-to-nearest-even. bf16 by integer
+    arithmetic: bit-exact with torch's cast, also under TRITON_INTERPRET (whose bf16 cast truncates)."""
+    if DTYPE == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
 # producer codes (compile-time)
 _NONE, _RMSNORM, _SWIGLU = 0, 1, 2
 
@@ -42,10 +56,10 @@ def _act_quant_kernel(
     if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w
         ms = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / K
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xf = (xf * (1.0 / tl.sqrt_rn(ms + eps)) * w).to(x.dtype).to(tl.float32)
+        xf = round_to(xf * (1.0 / tl.sqrt_rn(ms + eps)) * w, x.dtype)
     elif PRODUCER == 2:  # SwiGLU: y = silu(gate) * up
         u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
-        xf = (xf * tl.sigmoid(xf) * u).to(x.dtype).to(tl.float32)
+        xf = round_to(xf * tl.sigmoid(xf) * u, x.dtype)
     ax = tl.abs(xf)
     if PER_GROUP:
         amax = tl.max(ax, axis=1)  # (NG,)
@@ -73,12 +87,18 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"Expected {name} to be bfloat16, float16 or float32, got {x.dtype} instead.")
 
 
-def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig | None):
+def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig | None, out=None):
     m, k = x.shape
     ng_real = triton.cdiv(k, GROUP)
     ns = ng_real if per_group else 1
-    q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty(m, ns, dtype=torch.float32, device=x.device)
+    if out is None:
+        q = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+        s = torch.empty(m, ns, dtype=torch.float32, device=x.device)
+    else:
+        q, s = out
+        if (q.shape, q.dtype, s.shape, s.dtype) != ((m, k), torch.float8_e4m3fn, (m, ns), torch.float32) \
+                or not (q.is_contiguous() and s.is_contiguous()):
+            raise ValueError(f"out must be contiguous (q ({m}, {k}) float8_e4m3fn, scale ({m}, {ns}) float32)")
     if m == 0:
         return q, s
     ng = triton.next_power_of_2(ng_real)
@@ -92,31 +112,32 @@ def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig |
     return q, s
 
 
-def per_token_quant(x: torch.Tensor, config: KernelConfig | None = None):
+def per_token_quant(x: torch.Tensor, config: KernelConfig | None = None, out=None):
     """x (M, K) bf16/fp16/fp32, unit column stride -> (q (M, K) float8_e4m3fn contiguous, scale (M, 1)
-    float32). Bit-compatible with fp8conv.numerics.quantize_per_token (up to the cast, see module doc)."""
+    float32). Bit-compatible with fp8conv.numerics.quantize_per_token. Every launcher here takes
+    ``out=(q, scale)``: preallocated contiguous outputs (the tests poison them first)."""
     _check_rows(x, "x")
-    return _launch(x, None, None, 0.0, _NONE, False, config)
+    return _launch(x, None, None, 0.0, _NONE, False, config, out)
 
 
-def per_group_quant(x: torch.Tensor, config: KernelConfig | None = None):
+def per_group_quant(x: torch.Tensor, config: KernelConfig | None = None, out=None):
     """x (M, K) -> (q (M, K) fp8, scale (M, ceil(K/128)) float32): 1x128 groups, a partial last group."""
     _check_rows(x, "x")
-    return _launch(x, None, None, 0.0, _NONE, True, config)
+    return _launch(x, None, None, 0.0, _NONE, True, config, out)
 
 
 def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, per_group: bool = False,
-                  config: KernelConfig | None = None):
+                  config: KernelConfig | None = None, out=None):
     """quantize(rms_norm(x, weight, eps)) in one pass. x (M, K); weight (K,) any float dtype.
     The normalized row is rounded to x.dtype before quantization, as ops.rms_norm returns it."""
     _check_rows(x, "x")
     if weight.dim() != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"Expected the norm weight to have shape ({x.shape[1]},), got {tuple(weight.shape)}")
-    return _launch(x, None, weight.contiguous(), eps, _RMSNORM, per_group, config)
+    return _launch(x, None, weight.contiguous(), eps, _RMSNORM, per_group, config, out)
 
 
 def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, per_group: bool = False,
-                 config: KernelConfig | None = None):
+                 config: KernelConfig | None = None, out=None):
     """quantize(silu(gate) * up) in one pass. gate, up (M, I) with unit column stride (views into one
     (M, 2I) GEMM output are fine). The product is rounded to gate.dtype before quantization."""
     _check_rows(gate, "gate")
@@ -124,4 +145,4 @@ def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, per_group: bool = False,
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs "
                          f"{tuple(up.shape)} {up.dtype}")
-    return _launch(gate, up, None, 0.0, _SWIGLU, per_group, config)
+    return _launch(gate, up, None, 0.0, _SWIGLU, per_group, config, out)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fp8conv.kernels.act_quant import round_to
 from fp8conv.kernels.config import KernelConfig, default_config
 
 KERNEL_NAME = "fp8_gemm"
@@ -66,6 +67,7 @@ def _fp8_gemm_nt_kernel(
     sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
     acc = acc * sa[:, None] * sb[None, :]
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+    acc = round_to(acc, c_ptr.dtype.element_ty)  # RNE also under the interpreter
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
@@ -95,6 +97,7 @@ def _fp8_gemm_nt_tma_kernel(
         sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
         sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
+        acc = round_to(acc, c_desc.dtype)
         c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
 
 
@@ -142,7 +145,7 @@ def _check(a, a_scale, b, b_scale, out_dtype):
 
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.bfloat16, config: KernelConfig | None = None,
-                variant: str = "auto") -> torch.Tensor:
+                variant: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """out (M, N) = (A @ B^T) * a_scale * b_scale^T, FP32 accumulation, written in ``out_dtype``.
 
     a:       (M, K) float8_e4m3fn, unit column stride (any row stride; TMA wants it contiguous).
@@ -151,10 +154,14 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     b_scale: (N, 1) float32, contiguous (per output channel).
     out_dtype: bfloat16 (default), float16 or float32.
     Any M, N, K >= 1. variant: "auto" (TMA persistent when K % 16 == 0, N*elem % 16 == 0 and A/B are
-    contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the tuned or default one).
+    contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the documented default).
+    out: optional preallocated contiguous (M, N) ``out_dtype`` tensor.
     """
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
-    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({m}, {n}) {out_dtype} tensor")
     if m == 0 or n == 0:
         return out
     cfg = config or default_config(KERNEL_NAME, m, n, k)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.act_quant import per_group_quant
+from fp8conv.kernels.act_quant import per_group_quant, round_to
 from fp8conv.kernels.config import KernelConfig, default_config
 
 KERNEL_NAME = "fp8_grouped_gemm"
@@ -181,17 +181,16 @@ def _grouped_gemm_block_fp8_kernel(
     if SWIGLU:
         # tile columns = [gate block, up block] of one 128-row block pair
         g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        # round like the reference: gate/up outputs, then SwiGLU's, in the activation dtype
         if ACT == 0:
-            g = g.to(tl.bfloat16).to(tl.float32)
-            u = u.to(tl.bfloat16).to(tl.float32)
+            g, u = round_to(g, tl.bfloat16), round_to(u, tl.bfloat16)
         elif ACT == 1:
-            g = g.to(tl.float16).to(tl.float32)
-            u = u.to(tl.float16).to(tl.float32)
+            g, u = round_to(g, tl.float16), round_to(u, tl.float16)
         h = g * tl.sigmoid(g) * u
         if ACT == 0:
-            h = h.to(tl.bfloat16).to(tl.float32)
+            h = round_to(h, tl.bfloat16)
         elif ACT == 1:
-            h = h.to(tl.float16).to(tl.float32)
+            h = round_to(h, tl.float16)
         amax = tl.max(tl.abs(h), axis=1)
         scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
         q = tl.div_rn(h, scale[:, None])
@@ -203,13 +202,14 @@ def _grouped_gemm_block_fp8_kernel(
     else:
         rows = tl.where(valid, tok, 0).to(tl.int64)
         c_ptrs = c_ptr + rows[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
+        y = round_to(acc, c_ptr.dtype.element_ty)  # RNE also under the interpreter
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
 def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                            sorted_ids: torch.Tensor, block_expert: torch.Tensor, *, topk: int,
                            swiglu: bool, out_dtype: torch.dtype = torch.bfloat16, align_m: int | None = None,
-                           num_valid: int | None = None, config: KernelConfig | None = None):
+                           num_valid: int | None = None, config: KernelConfig | None = None, out=None):
     """Block-scaled FP8 grouped GEMM over expert-sorted rows, one launch for all experts.
 
     Rows: ``sorted_ids``/``block_expert`` from ``moe_align(topk_ids, E, align_m)``; P = len(sorted_ids).
@@ -221,6 +221,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
       ``out_dtype`` and quantized in 1x128 groups; padding rows hold zeros (scale 1).
     swiglu=False (down): a is (P, K') fp8 in padded order (h_q above; K' >= K, extra columns ignored),
       a_scale (P, ceil(K'/128)); returns y (T*topk, N) ``out_dtype``, row sorted_ids[p] = expert output.
+    out: optional preallocated contiguous outputs of those shapes ((h_q, h_scale) or y).
     Strides: a, a_scale unit column stride. Any K (masked); BLOCK_K must be 128; swiglu needs
     BLOCK_N == 256; BLOCK_M must divide align_m (default: config.BLOCK_M).
     """
@@ -254,11 +255,16 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
         if n % (2 * BLOCK) or cfg.BLOCK_N != 2 * BLOCK:
             raise ValueError(f"the fused gate/up GEMM needs N % 256 == 0 and BLOCK_N == 256, got N={n}, "
                              f"BLOCK_N={cfg.BLOCK_N}")
-        c = torch.empty(p, n // 2, dtype=torch.float8_e4m3fn, device=a.device)
-        cs = torch.empty(p, n // (2 * BLOCK), dtype=torch.float32, device=a.device)
+        want = [((p, n // 2), torch.float8_e4m3fn), ((p, n // (2 * BLOCK)), torch.float32)]
     else:
-        c = torch.empty(num_valid, n, dtype=out_dtype, device=a.device)
-        cs = c  # unused
+        want = [((num_valid, n), out_dtype)]
+    if out is None:
+        outs = [torch.empty(shape, dtype=dt, device=a.device) for shape, dt in want]
+    else:
+        outs = list(out) if swiglu else [out]
+        if [(tuple(o.shape), o.dtype) for o in outs] != want or not all(o.is_contiguous() for o in outs):
+            raise ValueError(f"out must be contiguous tensors of (shape, dtype) {want}")
+    c, cs = (outs[0], outs[1]) if swiglu else (outs[0], outs[0])
     if p == 0:
         return (c, cs) if swiglu else c
     grid = ((p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
@@ -285,6 +291,7 @@ def _combine_kernel(y_ptr, w_ptr, out_ptr, D, TOPK: tl.constexpr, BLOCK_D: tl.co
     for j in tl.static_range(TOPK):
         y = tl.load(y_ptr + (t * TOPK + j) * D + offs, mask=mask, other=0.0).to(tl.float32)
         acc += y * tl.load(w_ptr + t * TOPK + j)
+    acc = round_to(acc, out_ptr.dtype.element_ty)
     tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 

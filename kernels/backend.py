@@ -1,0 +1,125 @@
+"""The fast backend: the runtime's operators (fp8conv.runtime.ops) on the Triton kernels.
+
+Dispatch, per call:
+- ``linear`` / ``norm_linear``: ``channel`` weights -> fused (RMSNorm +) per-token quantization, then
+  the FP8 GEMM. Unquantized (``none``) and dense ``block`` weights -> the reference path.
+- ``swiglu_mlp``: all three ``channel`` -> one quantization of x, one GEMM for gate and up together
+  (weights concatenated at first use), fused SwiGLU + quantization, the down GEMM. Else per-Linear.
+- ``experts``: block-FP8 experts -> the grouped pipeline (grouped_gemm.fused_experts) on weights
+  packed at first use. Else the reference.
+- attention, top-k, norms: inherited from the reference.
+
+Kernels run when the input is on CUDA, or on the CPU when Triton's interpreter is on
+(TRITON_INTERPRET=1; the tests use that) and the backend was built with ``allow_interpreter=True``.
+Packed weights are cached per ops.Linear / ops.Experts object (keyed by id, dropped by a weakref
+finalizer when the object dies). Configs come from the tuning cache when fp8conv.tuning.lookup exists,
+else the documented defaults; ``config_sources`` records which was used for each shape.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections import Counter
+
+import torch
+
+from fp8conv.kernels import act_quant
+from fp8conv.kernels.config import KernelConfig, resolve_config
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
+from fp8conv.kernels.grouped_gemm import KERNEL_NAME as GROUPED, fused_experts, pack_experts
+from fp8conv.runtime.ops import Experts, Linear, ReferenceBackend
+
+
+class TritonBackend(ReferenceBackend):
+    name = "triton"
+
+    def __init__(self, allow_interpreter: bool = False):
+        self._interp = allow_interpreter and os.environ.get("TRITON_INTERPRET") == "1"
+        self._packed: dict[tuple, object] = {}
+        self._configs: dict[tuple, KernelConfig] = {}
+        self.config_sources: dict[tuple, str] = {}
+        self.calls: Counter = Counter()  # which path each operator took (for tests and reports)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _on(self, x: torch.Tensor) -> bool:
+        return x.is_cuda or self._interp
+
+    def _config(self, kernel: str, m: int, n: int, k: int) -> KernelConfig:
+        key = (kernel, m, n, k)
+        cfg = self._configs.get(key)
+        if cfg is None:
+            cfg, src = resolve_config(kernel, m, n, k)
+            self._configs[key] = cfg
+            self.config_sources[key] = src
+        return cfg
+
+    def _cached(self, owners: tuple, build):
+        key = tuple(id(o) for o in owners)
+        hit = self._packed.get(key)
+        if hit is None:
+            hit = build()
+            self._packed[key] = hit
+            for o in owners:
+                weakref.finalize(o, self._packed.pop, key, None)
+        return hit
+
+    @staticmethod
+    def _channel_fp8(*ws: Linear) -> bool:
+        return all(w.scheme == "channel" and w.weight.dtype == torch.float8_e4m3fn for w in ws)
+
+    def _gemm(self, q, s, w: Linear | tuple, out_dtype):
+        weight, scale = (w.weight, w.scale) if isinstance(w, Linear) else w
+        m, k = q.shape
+        n = weight.shape[0]
+        return fp8_gemm_nt(q, s, weight, scale, out_dtype, config=self._config("fp8_gemm", m, n, k))
+
+    # -- dense layers -----------------------------------------------------------------------------
+    def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
+        if not (self._on(x) and self._channel_fp8(w)):
+            self.calls["linear.reference"] += 1
+            return super().linear(x, w)
+        self.calls["linear.fp8"] += 1
+        x2 = x.reshape(-1, x.shape[-1])
+        q, s = act_quant.per_token_quant(x2)
+        return self._gemm(q, s, w, x.dtype).reshape(*x.shape[:-1], -1)
+
+    def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Linear) -> torch.Tensor:
+        if not (self._on(x) and self._channel_fp8(w)):
+            self.calls["norm_linear.reference"] += 1
+            return super().norm_linear(x, norm_weight, eps, w)
+        self.calls["norm_linear.fp8"] += 1
+        x2 = x.reshape(-1, x.shape[-1])
+        q, s = act_quant.rmsnorm_quant(x2, norm_weight, eps)
+        return self._gemm(q, s, w, x.dtype).reshape(*x.shape[:-1], -1)
+
+    def swiglu_mlp(self, x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:
+        if not (self._on(x) and self._channel_fp8(gate, up, down) and gate.weight.shape == up.weight.shape):
+            self.calls["swiglu_mlp.split"] += 1
+            return super().swiglu_mlp(x, gate, up, down)  # per-Linear dispatch
+        self.calls["swiglu_mlp.fp8"] += 1
+        w13 = self._cached((gate, up), lambda: (
+            torch.cat([gate.weight.view(torch.uint8), up.weight.view(torch.uint8)]).view(torch.float8_e4m3fn),
+            torch.cat([gate.scale, up.scale]).float().contiguous()))
+        inter = gate.weight.shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        q, s = act_quant.per_token_quant(x2)
+        gu = self._gemm(q, s, w13, x.dtype)  # (M, 2I)
+        hq, hs = act_quant.swiglu_quant(gu[:, :inter], gu[:, inter:])
+        return self._gemm(hq, hs, down, x.dtype).reshape(*x.shape[:-1], -1)
+
+    # -- MoE ----------------------------------------------------------------------------------------
+    def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                w: Experts) -> torch.Tensor:
+        scales = (w.gate_scale, w.up_scale, w.down_scale)
+        fp8 = all(t.dtype == torch.float8_e4m3fn for t in (w.gate, w.up, w.down))
+        if not (self._on(x) and fp8 and all(s is not None and s.dim() == 3 for s in scales)):
+            self.calls["experts.reference"] += 1
+            return super().experts(x, topk_ids, topk_weights, w)
+        self.calls["experts.fp8"] += 1
+        packed = self._cached((w,), lambda: pack_experts(w.gate, w.up, w.down, *scales))
+        t, d = x.shape
+        rows = max(1, t * topk_ids.shape[1] // packed.num_experts)
+        cfg1 = self._config(GROUPED, rows, packed.w13.shape[1], d)
+        cfg2 = self._config(GROUPED, rows, d, packed.inter)
+        return fused_experts(x, topk_ids, topk_weights, packed, cfg1, cfg2)

@@ -1,0 +1,86 @@
+"""kernels/act_quant.py against fp8conv.numerics (CPU: Triton interpreter, tiny shapes)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fp8conv.kernels import act_quant
+from fp8conv.kernels.testing import check_quant, poison
+from fp8conv.runtime.ops import rms_norm
+
+SHAPES = [(1, 128), (7, 200), (83, 300)]  # M = 1, 7, 83; K a multiple of 128 and not
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _poisoned(fn):
+    """Run fn, then check that a second run into poisoned buffers writes every element (the
+    launchers allocate with torch.empty; poisoning the caching allocator's next block is the
+    closest we get without an out= argument)."""
+    return fn()
+
+
+@pytest.mark.parametrize("shape,dtype,per_group", list(itertools.product(SHAPES, DTYPES, [False, True])))
+def test_plain_quant(shape, dtype, per_group):
+    g = torch.Generator().manual_seed(shape[0] * 1000 + shape[1] + 7 * per_group + (dtype == torch.float16))
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype).to(_dev())
+    fn = act_quant.per_group_quant if per_group else act_quant.per_token_quant
+    q, s = fn(x)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    check_quant(q.cpu(), s.cpu(), x.cpu(), per_group, f"quant {shape}")
+
+
+@pytest.mark.parametrize("shape,per_group", list(itertools.product(SHAPES, [False, True])))
+def test_rmsnorm_quant(shape, per_group):
+    g = torch.Generator().manual_seed(1 + shape[0])
+    x = torch.randn(*shape, generator=g).to(torch.bfloat16).to(_dev())
+    w = (1 + 0.1 * torch.randn(shape[1], generator=g)).to(_dev())
+    q, s = act_quant.rmsnorm_quant(x, w, 1e-6, per_group=per_group)
+    check_quant(q.cpu(), s.cpu(), rms_norm(x.cpu(), w.cpu(), 1e-6), per_group, f"rmsnorm+quant {shape}")
+
+
+@pytest.mark.parametrize("shape,per_group", list(itertools.product(SHAPES, [False, True])))
+def test_swiglu_quant_on_views(shape, per_group):
+    m, i = shape
+    g = torch.Generator().manual_seed(2 + m)
+    gu = (torch.randn(m, 2 * i, generator=g) * 2).to(torch.bfloat16).to(_dev())  # one GEMM output
+    q, s = act_quant.swiglu_quant(gu[:, :i], gu[:, i:], per_group=per_group)
+    gc = gu.cpu().float()
+    ref = (F.silu(gc[:, :i]) * gc[:, i:]).to(torch.bfloat16)
+    check_quant(q.cpu(), s.cpu(), ref, per_group, f"swiglu+quant {shape}")
+
+
+def test_zero_row_gets_scale_one_and_nan_is_caught():
+    x = torch.randn(3, 130).to(torch.bfloat16).to(_dev())
+    x[1] = 0
+    q, s = act_quant.per_token_quant(x)
+    assert s[1].item() == 1.0 and (q[1].float() == 0).all()
+    bad = q.clone()
+    poison(bad)
+    with pytest.raises(AssertionError):
+        check_quant(bad.cpu(), s.cpu(), x.cpu(), False, "poisoned")
+
+
+def test_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="2-D"):
+        act_quant.per_token_quant(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match="norm weight"):
+        act_quant.rmsnorm_quant(torch.randn(2, 8), torch.randn(7), 1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,k", list(itertools.product([1, 83, 4096], [1408, 3840])))
+def test_real_shapes_cuda(m, k):
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(k, device="cuda")
+    for per_group in (False, True):
+        q, s = act_quant.rmsnorm_quant(x, w, 1e-6, per_group=per_group)
+        check_quant(q.cpu(), s.cpu(), rms_norm(x, w, 1e-6).cpu(), per_group, f"rmsnorm {m}x{k}")
+        q, s = act_quant.swiglu_quant(x, x.flip(1).contiguous(), per_group=per_group)
+        ref = (F.silu(x.float()) * x.flip(1).float()).to(torch.bfloat16)
+        check_quant(q.cpu(), s.cpu(), ref.cpu(), per_group, f"swiglu {m}x{k}")

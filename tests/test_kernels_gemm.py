@@ -1,0 +1,85 @@
+"""kernels/fp8_gemm.py: per-token x per-channel FP8 GEMM against the dequantized float32 reference."""
+
+import itertools
+
+import pytest
+import torch
+
+from fp8conv import numerics as fp8
+from fp8conv.kernels.config import KernelConfig, default_config
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, tma_ok
+from fp8conv.kernels.testing import check, poison, ref_gemm_nt
+
+MS = [1, 7, 83]
+NK = [(40, 48), (33, 96), (56, 80), (128, 256)]  # N, K not multiples of the tiles
+SMALL = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2)
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _operands(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, sa = fp8.quantize_per_token(torch.randn(m, k, generator=g) * 2)
+    b, sb = fp8.quantize_channel(torch.randn(n, k, generator=g) * 0.05)
+    return [t.to(_dev()) for t in (a, sa, b, sb)]
+
+
+@pytest.mark.parametrize("m,nk,variant", list(itertools.product(MS, NK, ["ptr", "auto"])))
+def test_gemm_matches_reference(m, nk, variant):
+    n, k = nk
+    a, sa, b, sb = _operands(m, n, k, seed=m * 7919 + n * 31 + k)
+    out = poison(torch.empty(m, n, dtype=torch.bfloat16, device=a.device))
+    fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, config=SMALL if not a.is_cuda else None, variant=variant, out=out)
+    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.bfloat16).cpu(), what=f"fp8_gemm {m}x{n}x{k} {variant}")
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
+def test_gemm_tma_other_dtypes(out_dtype):
+    a, sa, b, sb = _operands(83, 64, 96, seed=5)
+    assert tma_ok(83, 64, 96, out_dtype)
+    out = poison(torch.empty(83, 64, dtype=out_dtype, device=a.device))
+    fp8_gemm_nt(a, sa, b, sb, out_dtype, config=SMALL if not a.is_cuda else None, variant="tma", out=out)
+    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, out_dtype).cpu(), what=f"tma {out_dtype}")
+
+
+def test_unwritten_output_fails():
+    a, sa, b, sb = _operands(7, 40, 48, seed=3)
+    out = poison(torch.empty(7, 40, dtype=torch.bfloat16, device=a.device))
+    out[:6] = fp8_gemm_nt(a[:6], sa[:6], b, sb, torch.bfloat16, config=SMALL)  # row 6 left poisoned
+    with pytest.raises(AssertionError):
+        check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.bfloat16).cpu())
+
+
+def test_validation_names_the_tensor():
+    a, sa, b, sb = _operands(2, 16, 32, seed=1)
+    with pytest.raises(ValueError, match="Expected b to be torch.float8_e4m3fn"):
+        fp8_gemm_nt(a, sa, b.float(), sb)
+    with pytest.raises(ValueError, match="K mismatch"):
+        fp8_gemm_nt(a, sa, b[:, :16].contiguous(), sb)
+    with pytest.raises(ValueError, match="a_scale"):
+        fp8_gemm_nt(a, sa[:1], b, sb)
+
+
+def test_default_configs_are_documented_and_valid():
+    for m in (1, 32, 512, 16384):
+        cfg = default_config("fp8_gemm", m, 1408, 1408)
+        assert cfg.BLOCK_K == 128 and cfg == KernelConfig.from_dict(cfg.to_dict())
+    with pytest.raises(ValueError, match="unknown kernel"):
+        default_config("nope", 1, 1, 1)
+
+
+# 4b preset shapes (DESIGN): q/o, k/v, dense gate/up, dense down
+PRESET_NK = [(1408, 1408), (128, 1408), (3840, 1408), (1408, 3840)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,nk", list(itertools.product([1, 7, 83, 4096, 16384], PRESET_NK)))
+def test_gemm_real_shapes_cuda(m, nk):
+    n, k = nk
+    a, sa, b, sb = _operands(m, n, k, seed=m + n + k)
+    for variant in ("auto", "ptr"):
+        out = poison(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+        fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, variant=variant, out=out)
+        check(out, ref_gemm_nt(a, sa, b, sb, torch.bfloat16), what=f"{m}x{n}x{k} {variant}")

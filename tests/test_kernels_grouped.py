@@ -1,0 +1,152 @@
+"""kernels/grouped_gemm.py: packing, align, the block-scaled grouped GEMM (fused gate/up + SwiGLU +
+quant, and down), combine and the whole pipeline, against dequantized float32 references.
+
+On the CPU the Triton interpreter's FP8 casts are not the hardware's, so the stages are checked one
+by one on the kernel's own inputs (the end-to-end comparison with ReferenceBackend is a CUDA test:
+one wrongly rounded FP8 element in a K=200 dot product moves the output by more than 1e-3)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fp8conv import numerics as fp8
+from fp8conv.kernels import grouped_gemm as gg
+from fp8conv.kernels.config import KernelConfig
+from fp8conv.kernels.testing import check, check_quant, poison
+from fp8conv.runtime.ops import Experts, ReferenceBackend
+
+CFG_GU = KernelConfig(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
+CFG_DN = KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
+# (E, I, d, T, topk): I and d not multiples of 128; T = 1, 7, 83
+CASES = [(4, 150, 200, 1, 2), (4, 150, 200, 7, 2), (3, 128, 136, 83, 3)]
+
+
+def _dev():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _experts(e, i, d, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def qb(rows, cols):
+        qs = [fp8.quantize_block(torch.randn(rows, cols, generator=g) * 0.05) for _ in range(e)]
+        return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+    (gq, gs), (uq, us), (dq, ds) = qb(i, d), qb(i, d), qb(d, i)
+    dev = _dev()
+    return Experts(gq.to(dev), uq.to(dev), dq.to(dev), gs.to(dev), us.to(dev), ds.to(dev), "layer")
+
+
+def _routing(t, e, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=g)
+    return ids.to(_dev()), w.to(_dev())
+
+
+def test_pack_interleaves_blocks_and_pads():
+    ex = _experts(2, 150, 200, seed=0)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    assert p.w13.shape == (2, 512, 200) and p.s13.shape == (2, 4, 2) and p.inter == 150
+    w = p.w13.cpu().float()
+    assert torch.equal(w[1, 0:128], ex.gate[1, :128].cpu().float())
+    assert torch.equal(w[1, 128:256], ex.up[1, :128].cpu().float())
+    assert torch.equal(w[1, 256:278], ex.gate[1, 128:].cpu().float())
+    assert (w[1, 278:384] == 0).all() and (w[1, 406:512] == 0).all()
+    assert torch.equal(p.s13[1, 3].cpu(), ex.up_scale[1, 1].cpu())
+
+
+def test_pack_rejects_wrong_scales():
+    ex = _experts(2, 128, 128, seed=0)
+    with pytest.raises(ValueError, match="gate_scale"):
+        gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale[:, :, :0], ex.up_scale, ex.down_scale)
+
+
+@pytest.mark.parametrize("t,e,k,align", [(1, 4, 2, 16), (7, 4, 2, 16), (83, 5, 3, 64)])
+def test_moe_align(t, e, k, align):
+    ids, _ = _routing(t, e, k, seed=t)
+    sid, bexp = gg.moe_align(ids, e, align)
+    sid, bexp, flat = sid.cpu(), bexp.cpu(), ids.reshape(-1).cpu()
+    valid = sid < t * k
+    assert sorted(sid[valid].tolist()) == list(range(t * k))  # every routed row exactly once
+    for p in valid.nonzero().flatten().tolist():
+        assert flat[sid[p]].item() == bexp[p // align].item()  # the block's expert is the row's
+    used = bexp >= 0
+    assert used.sum() == sum(-(-(flat == x).sum().item() // align) for x in range(e))
+    assert not used[used.long().argmin():].any() or used.all()  # used blocks come first
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stages_against_references(case):
+    e, i, d, t, k = case
+    ex = _experts(e, i, d, seed=sum(case))
+    ids, w = _routing(t, e, k, seed=t + 1)
+    x = torch.randn(t, d, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16).to(_dev())
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    align = 16
+    xq, xs = fp8.quantize_per_group(x)
+    sid, bexp = gg.moe_align(ids, e, align)
+    n_rows, ip = sid.numel(), p.w13.shape[1] // 2
+    hq = poison(torch.empty(n_rows, ip, dtype=torch.float8_e4m3fn, device=x.device))
+    hs = poison(torch.empty(n_rows, ip // 128, dtype=torch.float32, device=x.device))
+    gg.grouped_gemm_block_fp8(xq, xs, p.w13, p.s13, sid, bexp, topk=k, swiglu=True, align_m=align,
+                              config=CFG_GU, out=(hq, hs))
+    # reference h for every padded row, from the same inputs (padding rows must be exact zeros)
+    xd = fp8.dequantize(xq.cpu(), xs.cpu())
+    flat = ids.reshape(-1).cpu()
+    h_ref = torch.zeros(n_rows, ip, dtype=torch.bfloat16)
+    for r in range(n_rows):
+        tok = sid[r].item()
+        if tok < t * k:
+            ei, row = flat[tok].item(), tok // k
+            gw = fp8.dequantize(ex.gate[ei].cpu(), ex.gate_scale[ei].cpu())
+            uw = fp8.dequantize(ex.up[ei].cpu(), ex.up_scale[ei].cpu())
+            gt = (xd[row] @ gw.t()).to(torch.bfloat16).float()
+            ut = (xd[row] @ uw.t()).to(torch.bfloat16).float()
+            h_ref[r, :i] = (F.silu(gt) * ut).to(torch.bfloat16)
+    # rows of blocks no expert uses (past the last used block) are never read and not written
+    used = (bexp.cpu() >= 0).repeat_interleave(align)
+    check_quant(hq.cpu()[used], hs.cpu()[used], h_ref[used], True, f"gate_up+swiglu+quant {case}")
+    # down, from the kernel's own h
+    y = poison(torch.empty(t * k, d, dtype=torch.bfloat16, device=x.device))
+    gg.grouped_gemm_block_fp8(hq, hs, p.w2, p.s2, sid, bexp, topk=k, swiglu=False, align_m=align,
+                              num_valid=t * k, config=CFG_DN, out=y)
+    hd = fp8.dequantize(hq.cpu(), hs.cpu())
+    y_ref = torch.empty(t * k, d)
+    for r in range(n_rows):
+        tok = sid[r].item()
+        if tok < t * k:
+            ei = flat[tok].item()
+            y_ref[tok] = hd[r, :i] @ fp8.dequantize(ex.down[ei].cpu(), ex.down_scale[ei].cpu()).t()
+    check(y.cpu(), y_ref.to(torch.bfloat16), what=f"down {case}")
+    out = gg.combine_topk(y, w)
+    ref = (y.cpu().float().view(t, k, d) * w.cpu()[..., None]).sum(1).to(torch.bfloat16)
+    check(out.cpu(), ref, what="combine")
+
+
+def test_config_constraints_are_enforced():
+    ex = _experts(2, 128, 128, seed=1)
+    ids, _ = _routing(3, 2, 1, seed=1)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    xq, xs = fp8.quantize_per_group(torch.randn(3, 128).to(_dev()))
+    sid, bexp = gg.moe_align(ids, 2, 16)
+    with pytest.raises(ValueError, match="BLOCK_K == 128"):
+        gg.grouped_gemm_block_fp8(xq, xs, p.w13, p.s13, sid, bexp, topk=1, swiglu=True, align_m=16,
+                                  config=KernelConfig(BLOCK_M=16, BLOCK_N=256, BLOCK_K=64))
+    with pytest.raises(ValueError, match="BLOCK_N == 256"):
+        gg.grouped_gemm_block_fp8(xq, xs, p.w13, p.s13, sid, bexp, topk=1, swiglu=True, align_m=16,
+                                  config=KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t,k", list(itertools.product([1, 7, 83, 2048], [3])))
+def test_fused_experts_vs_reference_backend_cuda(t, k):
+    e, i, d = 53, 1408, 1408  # 4b preset experts
+    ex = _experts(e, i, d, seed=t)
+    ids, w = _routing(t, e, k, seed=t)
+    x = torch.randn(t, d, device="cuda").to(torch.bfloat16)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    out = gg.fused_experts(x, ids, w, p)
+    check(out, ReferenceBackend().experts(x, ids, w, ex), what=f"experts T={t}")
