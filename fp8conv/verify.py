@@ -166,11 +166,14 @@ def evaluate(thr: Thresholds, weights: WeightReport, beh: BehaviourReport | None
             out.append(Failure("logits", f"head {h.head}", f"KL {h.kl:.4g} > {thr.logits.max_kl:g}",
                                h.kl, thr.logits.max_kl))
     b, bt = beh.beam, thr.beam
-    for name, value, limit in (("top1_agreement", b.top1_agreement, bt.min_top1_agreement),
-                               ("topk_overlap", b.topk_overlap, bt.min_topk_overlap),
+    for name, value, limit in (("top1_agreement_within_tie", b.top1_agreement_within_tie, bt.min_top1_agreement),
+                               ("topk_overlap_within_tie", b.topk_overlap_within_tie, bt.min_topk_overlap),
                                ("rank_correlation", b.rank_correlation, bt.min_rank_correlation)):
         if not math.isnan(value) and value < limit:
             out.append(Failure("beam", name, f"{name} {value:.3f} < {limit:g}", value, limit))
+    if b.regret > bt.max_regret:
+        out.append(Failure("beam", "regret", f"REF prefers its own top-1 by {b.regret:.3f} nats on average "
+                                             f"(> {bt.max_regret:g})", b.regret, bt.max_regret))
     if beh.rec is not None:
         rt = thr.recommendation
         for name, drop, limit in (("recall", beh.rec.recall_drop, rt.max_recall_drop),
@@ -246,5 +249,5 @@ def _behaviour(opts: VerifyOptions, ctx, weights: WeightReport, clock):
         ui.log(f"verify: beam search (width {opts.beam}) and replay on {ctx.num_users} users ...")
     catalogue = load_catalogue(opts.ref, ref_model.cfg.codebook_size)
     beh = compare_behaviour(ref_model, cand_model, ctx.to(opts.device), opts.beam, opts.top_n,
-                            catalogue=catalogue, clock=clock)
+                            catalogue=catalogue, tie_margin=opts.thresholds.beam.tie_margin, clock=clock)
     return beh, None

@@ -48,9 +48,13 @@ class BeamStat:
     users: int
     beam_width: int
     top_n: int
-    top1_agreement: float
-    topk_overlap: float
+    tie_margin: float
+    top1_agreement: float  # identical top-1 item (all semantic IDs), the literal figure
+    topk_overlap: float  # mean |top-N(REF) & top-N(CAND)| / N
+    top1_agreement_within_tie: float  # ... or CAND's top-1 scores within tie_margin of REF's, by REF
+    topk_overlap_within_tie: float  # ... or CAND's item scores within tie_margin of REF's N-th, by REF
     rank_correlation: float  # mean Kendall tau over users with >= 2 shared items (nan if none)
+    regret: float  # mean REF log-prob of REF's top-1 minus that of CAND's top-1 (nats, >= 0 ideally)
     top1_disagreeing_users: tuple[int, ...]
 
 
@@ -88,7 +92,7 @@ class BehaviourReport:
 
 
 def compare_behaviour(ref_model, cand_model, ctx, beam_width: int, top_n: int, catalogue=None,
-                      clock=None) -> BehaviourReport:
+                      tie_margin: float = 0.0, clock=None) -> BehaviourReport:
     from fp8conv.runtime.beam import beam_search
 
     clock = clock or _Clock()
@@ -98,28 +102,59 @@ def compare_behaviour(ref_model, cand_model, ctx, beam_width: int, top_n: int, c
         clock.lap("beam_ref")
         res_cand = beam_search(cand_model, ctx, beam_width, top_n=top_n, catalogue=catalogue)
         clock.lap("beam_cand")
-        beam = beam_agreement(res_ref.items, res_cand.items, beam_width)
+        # REF's judgement of both lists, teacher-forced: how much worse is what CAND picked?
+        scores = ref_log_probs(ref_model, ctx, torch.cat([res_ref.items, res_cand.items], dim=1))
+        beam = beam_agreement(res_ref.items, res_cand.items, scores[:, :top_n], scores[:, top_n:],
+                              beam_width, tie_margin)
         rec = None if ctx.labels is None else rec_metrics(res_ref.items, res_cand.items, ctx.labels, top_n)
+        clock.lap("ref_scores")
         layers, heads = replay(ref_model, cand_model, ctx, res_ref.items)
         clock.lap("replay")
     return BehaviourReport(layers, heads, beam, rec, dict(clock.laps[first:]))
 
 
-def beam_agreement(items_ref: torch.Tensor, items_cand: torch.Tensor, beam_width: int) -> BeamStat:
-    """items (U, top_n, levels) of both models -> agreement statistics."""
+def ref_log_probs(model, ctx, items: torch.Tensor) -> torch.Tensor:
+    """items (U, n, levels), -1 for none -> (U, n) float64 summed log-probabilities (-inf for none)."""
+    u, n, levels = items.shape
+    flat = items.reshape(u * n, levels)
+    valid = (flat >= 0).all(-1)
+    user_index = torch.arange(u).repeat_interleave(n)[valid]
+    out = torch.full((u * n,), -math.inf, dtype=torch.float64)
+    if valid.any():
+        dev = ctx.tokens.device
+        logits = model.forward_levels(ctx, flat[valid].to(dev), user_index.to(dev))  # (V, levels, K)
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        picked = logp.gather(2, flat[valid].to(dev)[..., None]).squeeze(-1)  # (V, levels)
+        out[valid] = picked.sum(-1).cpu()
+    return out.view(u, n)
+
+
+def beam_agreement(items_ref: torch.Tensor, items_cand: torch.Tensor, score_ref: torch.Tensor,
+                   score_cand: torch.Tensor, beam_width: int, tie_margin: float = 0.0) -> BeamStat:
+    """items (U, top_n, levels) of both models and REF's log-probs of each (U, top_n) -> agreement.
+
+    Within-tie statistics forgive a difference only where REF itself can barely tell the items apart
+    (REF's scores within ``tie_margin`` nats): such flips follow from any rounding, FP8 or not."""
     u, n = items_ref.shape[0], items_ref.shape[1]
     top1 = (items_ref[:, 0] == items_cand[:, 0]).all(-1)  # (U,)
-    overlaps, taus = [], []
+    gap1 = (score_ref[:, 0] - score_cand[:, 0]).nan_to_num(0.0)  # REF's preference for its own top-1
+    top1_tie = top1 | (gap1 <= tie_margin)
+    floor = score_ref.min(1).values - tie_margin  # REF's N-th score (its worst kept item) minus the margin
+    overlaps, overlaps_tie, taus = [], [], []
     for i in range(u):
         ref = [tuple(x) for x in items_ref[i].tolist() if min(x) >= 0]  # -1: no valid item
         cand = [tuple(x) for x in items_cand[i].tolist() if min(x) >= 0]
         rank_cand = {item: r for r, item in enumerate(cand)}
         shared = [item for item in ref if item in rank_cand]
+        ref_set = set(ref)
+        near = sum(1 for r, it in enumerate(cand) if it not in ref_set and score_cand[i, r] >= floor[i])
         overlaps.append(len(shared) / n)
+        overlaps_tie.append((len(shared) + near) / n)
         if len(shared) >= 2:
             taus.append(kendall_tau(list(range(len(shared))), [rank_cand[it] for it in shared]))
-    return BeamStat(u, beam_width, n, top1.double().mean().item(), sum(overlaps) / u,
-                    sum(taus) / len(taus) if taus else math.nan,
+    return BeamStat(u, beam_width, n, tie_margin, top1.double().mean().item(), sum(overlaps) / u,
+                    top1_tie.double().mean().item(), sum(overlaps_tie) / u,
+                    sum(taus) / len(taus) if taus else math.nan, gap1.mean().item(),
                     tuple((~top1).nonzero().flatten().tolist()))
 
 

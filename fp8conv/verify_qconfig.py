@@ -70,6 +70,8 @@ def check_quantization_config(config: dict, cand, ref_names: list[str]) -> list[
         out += [("config.json", p) for p in _group_problems(gname, group if isinstance(group, dict) else {})]
     ignore = list(qc.get("ignore") or [])
     for m in modules:
+        if m + _WEIGHT not in cand:  # reported as missing by the caller
+            continue
         strategies = {g.get("weights", {}).get("strategy") for g in groups.values()
                       if isinstance(g, dict) and any(_matches(m, t) for t in g.get("targets") or [])}
         if any(_matches(m, t) for t in ignore):

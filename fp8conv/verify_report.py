@@ -39,6 +39,9 @@ def summary_lines(r: VerifyReport) -> list[str]:
     lines.append(f"beam (width {bm.beam_width}, top {bm.top_n}): top-1 agreement {100 * bm.top1_agreement:.1f}% "
                  f"({bm.users - len(bm.top1_disagreeing_users)}/{bm.users}), top-{bm.top_n} overlap "
                  f"{100 * bm.topk_overlap:.1f}%, Kendall tau {_f(bm.rank_correlation, '.3f')}")
+    lines.append(f"  within a {bm.tie_margin:g}-nat tie: top-1 {100 * bm.top1_agreement_within_tie:.1f}%, "
+                 f"top-{bm.top_n} {100 * bm.topk_overlap_within_tie:.1f}%; REF-score regret of CAND's top-1 "
+                 f"{bm.regret:.4f} nats")
     if b.rec is not None:
         rc = b.rec
         lines.append(f"Recall@{rc.k} {rc.recall_ref:.4f} -> {rc.recall_cand:.4f} "
