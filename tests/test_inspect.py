@@ -36,6 +36,13 @@ def test_basic_stats_match_numpy(shape, dtype):
     assert s.scheme == "channel" and s.finite and s.risks == ()
 
 
+@pytest.mark.parametrize("n", [1, 99, 100, 101, 200, 1000])
+def test_p99_nearest_rank_at_round_sizes(n):
+    a = torch.randperm(n, generator=torch.Generator().manual_seed(n)).float() + 1  # values 1..n
+    assert ins.abs_p99(a) == float(-(-99 * n // 100))  # the value at rank ceil(0.99 n)
+    assert ins.abs_p99(a) == np.percentile(a.numpy(), 99, method="inverted_cdf")
+
+
 def test_p99_kthvalue_path_agrees(monkeypatch):
     a = torch.randn(10_007, generator=torch.Generator().manual_seed(1)).abs()
     ref = ins.abs_p99(a)
