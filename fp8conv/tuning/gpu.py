@@ -1,0 +1,323 @@
+"""The device side of the tuner: inputs, references, launches and baselines for each kernel, and the CUDA
+timer. ``KernelBench`` implements fp8conv.tuning.search.Bench.
+
+Correctness (issue 4's gate, on the GPU being tuned): every candidate's output is compared with the
+dequantized float32 reference (rounded where the kernel rounds) by mean |out-ref| / mean |ref|. The
+output buffer is poisoned (NaN) before each checked launch, so a candidate that leaves an element
+unwritten fails instead of inheriting the previous candidate's answer.
+
+Timing (``cuda_timer``): median of CUDA-event timings. A launch shorter than ``graph_below_us`` is
+captured ``inner`` times in a CUDA graph and the graph replayed, so host launch overhead does not hide
+the kernel. The weights are rotated over enough copies to exceed twice the L2 cache, so a weight is
+read from HBM as in serving (where every layer has its own) rather than from a warm L2.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fp8conv import metrics
+from fp8conv import numerics as fp8
+from fp8conv.kernels.config import KernelConfig
+from fp8conv.tuning.shapes import Problem
+
+OUT_DTYPE = torch.bfloat16
+
+
+# -- timer --------------------------------------------------------------------------------------------
+
+def cuda_timer(fn: Callable[[], object], reps: int = 15, graph_below_us: float = 300.0,
+               target_us: float = 2000.0) -> float:
+    """Median seconds of one ``fn()`` on the current CUDA stream (see the module docstring)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(3):
+        fn()
+    end.record()
+    end.synchronize()
+    est_us = start.elapsed_time(end) * 1e3 / 3
+    period = int(getattr(fn, "period", 1))
+    times = []
+    if est_us < graph_below_us:
+        inner = int(min(1024, max(period, math.ceil(target_us / max(est_us, 1.0)))))
+        graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            for _ in range(inner):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / inner)
+        del graph
+    else:
+        for _ in range(reps):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times) / 1e3
+
+
+def wall_timer(fn: Callable[[], object], reps: int = 3) -> float:
+    """Median wall-clock seconds (the CPU under TRITON_INTERPRET=1: exercises the loop, times nothing real)."""
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _poison(t: torch.Tensor) -> None:
+    if t.dtype == torch.float8_e4m3fn:
+        t.view(torch.uint8).fill_(0x7F)  # the e4m3fn NaN byte
+    elif t.is_floating_point():
+        t.fill_(float("nan"))
+
+
+class _Rotating:
+    """fn() that launches on the next weight copy each call; ``period`` = number of copies."""
+
+    def __init__(self, launch: Callable[[int], object], period: int):
+        self.launch, self.period, self.i = launch, period, 0
+
+    def __call__(self):
+        j, self.i = self.i, (self.i + 1) % self.period
+        return self.launch(j)
+
+
+# -- the bench ----------------------------------------------------------------------------------------
+
+class KernelBench:
+    """Inputs, reference, candidate launches and library baseline for one Problem at a time."""
+
+    def __init__(self, device: str | torch.device = "cuda", seed: int = 0, rotate: bool = True):
+        self.device = torch.device(device)
+        self.seed, self.rotate = seed, rotate
+        self.p: Problem | None = None
+        self.baseline_name = None
+        self._s: dict = {}
+
+    # generic ------------------------------------------------------------------------------------
+    def setup(self, p: Problem) -> None:
+        self.p, self._s = p, {}
+        torch.manual_seed(self.seed)
+        if p.kernel == "fp8_gemm":
+            self.baseline_name = "torch._scaled_mm (rowwise)"
+            self._setup_gemm(p)
+        elif p.kernel == "fp8_grouped_gemm":
+            self.baseline_name = "torch._grouped_mm (bf16)"
+            self._setup_grouped(p)
+        else:
+            raise ValueError(f"no bench for kernel {p.kernel!r}")
+
+    def teardown(self) -> None:
+        self._s = {}
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def error(self, out) -> float:
+        """mean |out-ref| / mean |ref| of the last ``run`` (for the fused SwiGLU GEMM: the larger of the
+        scales' and the dequantized values' error, over the real rows, as kernels.testing.check_quant)."""
+        s, p = self._s, self.p
+        if p.kernel == "fp8_gemm" or not p.swiglu:
+            return metrics.mean_rel_error(out, s["ref"])
+        from fp8conv.kernels.testing import repair_interpreter_fp8
+
+        hq, hs = out
+        sid = s["align"][s["last_bm"]][0]
+        valid = sid < s["rows"]
+        rows = sid[valid].long()
+        q, sc = hq[valid], hs[valid]
+        q, _ = repair_interpreter_fp8(q, s["ref_q"][rows])  # a no-op off the interpreter
+        err_s = metrics.mean_rel_error(sc, s["ref_s"][rows])
+        err_q = metrics.mean_rel_error(fp8.dequantize(q, sc), fp8.dequantize(s["ref_q"][rows], s["ref_s"][rows]))
+        return max(err_s, err_q) if err_s == err_s and err_q == err_q else math.nan
+
+    def run(self, cfg: KernelConfig):
+        """One launch into the poisoned output buffer (an element the kernel does not write stays NaN)."""
+        for t in self._outputs(cfg):
+            _poison(t)
+        return self._launch(cfg, 0)
+
+    def launcher(self, cfg: KernelConfig) -> Callable[[], object]:
+        return _Rotating(lambda j: self._launch(cfg, j), self._s["copies"])
+
+    def baseline(self) -> Callable[[], object] | None:
+        s = self._s
+        if self.device.type != "cuda":
+            return None
+        if self.p.kernel == "fp8_gemm":
+            a, sa = s["a"], s["sa"]
+            ws = s["w"]
+            return _Rotating(lambda j: torch._scaled_mm(a, ws[j][0].t(), scale_a=sa, scale_b=ws[j][1].view(1, -1),
+                                                        out_dtype=OUT_DTYPE), len(ws))
+        if not hasattr(torch, "_grouped_mm"):
+            return None
+        a, wt, offs = s["bf16_a"], s["bf16_w"], s["offs"]
+        return lambda: torch._grouped_mm(a, wt, offs=offs)
+
+    def _copies(self, weight_bytes: int) -> int:
+        if not self.rotate or self.device.type != "cuda":
+            return 1
+        l2 = getattr(torch.cuda.get_device_properties(self.device), "L2_cache_size", 50 << 20)
+        return int(min(1024, max(1, math.ceil(2 * l2 / weight_bytes))))
+
+    # fp8_gemm -------------------------------------------------------------------------------------
+    def _setup_gemm(self, p: Problem) -> None:
+        dev = self.device
+        x = torch.randn(p.m, p.k, device=dev, dtype=OUT_DTYPE)
+        w = torch.randn(p.n, p.k, device=dev, dtype=torch.float32) * 0.05
+        a, sa = fp8.quantize_per_token(x)
+        b, sb = fp8.quantize_channel(w)
+        copies = self._copies(p.n * p.k)
+        s = self._s
+        s.update(a=a, sa=sa, copies=copies,
+                 w=[(b, sb)] + [(b.clone(), sb.clone()) for _ in range(copies - 1)])
+        s["ref"] = ((a.float() * sa) @ (b.float() * sb).t()).to(OUT_DTYPE)
+        s["out"] = torch.empty(p.m, p.n, device=dev, dtype=OUT_DTYPE)
+
+    def _launch(self, cfg: KernelConfig, j: int):
+        s, p = self._s, self.p
+        if p.kernel == "fp8_gemm":
+            from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
+
+            b, sb = s["w"][j]
+            return fp8_gemm_nt(s["a"], s["sa"], b, sb, OUT_DTYPE, config=cfg, out=s["out"])
+        from fp8conv.kernels.grouped_gemm import grouped_gemm_block_fp8
+
+        sid, bexp, a, sa, out = self._aligned(cfg.BLOCK_M)
+        s["last_bm"] = cfg.BLOCK_M
+        w, ws = s["w"][j]
+        return grouped_gemm_block_fp8(a, sa, w, ws, sid, bexp, topk=p.top_k, swiglu=p.swiglu,
+                                      out_dtype=OUT_DTYPE, align_m=cfg.BLOCK_M, num_valid=s["rows"],
+                                      config=cfg, out=out)
+
+    def _outputs(self, cfg: KernelConfig) -> tuple:
+        if self.p.kernel == "fp8_gemm":
+            return (self._s["out"],)
+        out = self._aligned(cfg.BLOCK_M)[4]
+        return out if isinstance(out, tuple) else (out,)
+
+    # fp8_grouped_gemm ---------------------------------------------------------------------------------
+    def _setup_grouped(self, p: Problem) -> None:
+        """gate/up (swiglu): a = per-token activations (T, d), b = packed [E, 2I, d]; down: a = SwiGLU
+        output rows in padded order (P, I), b = [E, d, I]. Routing: top-k distinct random experts."""
+        dev, e, k = self.device, p.experts, p.top_k
+        t = p.rows // k
+        rows = t * k
+        ids = torch.rand(t, e, device=dev).argsort(dim=1)[:, :k].to(torch.int32)  # (T, k) distinct
+        flat = ids.reshape(-1).long()
+        s = self._s
+        s.update(ids=ids, rows=rows, align={})
+        if p.swiglu:
+            inter, d = p.n // 2, p.k
+            gate = torch.randn(e, inter, d, device=dev) * 0.05
+            up = torch.randn(e, inter, d, device=dev) * 0.05
+            gq, gs = _block_quant(gate)
+            uq, us = _block_quant(up)
+            from fp8conv.kernels.grouped_gemm import pack_experts
+
+            dummy = torch.zeros(e, d, inter, device=dev).to(torch.float8_e4m3fn)
+            ds = torch.ones(e, -(-d // fp8.BLOCK), -(-inter // fp8.BLOCK), device=dev)
+            packed = pack_experts(gq, uq, dummy, gs, us, ds)
+            w, ws = packed.w13, packed.s13
+            x = torch.randn(t, d, device=dev, dtype=OUT_DTYPE)
+            xq, xs = fp8.quantize_per_group(x)
+            s.update(xq=xq, xs=xs)
+            # reference on the (token, slot) rows: SwiGLU of bf16-rounded gate/up, rounded, then the
+            # contract's 1x128 quantization (what the kernel writes), dequantized
+            tok = torch.arange(rows, device=dev) // k  # flat row f = (token f // k, slot f % k)
+            xd = fp8.dequantize(xq, xs)[tok]  # (rows, d)
+            h = torch.empty(rows, inter, device=dev, dtype=OUT_DTYPE)
+            for ex in range(e):
+                r = (flat == ex).nonzero().squeeze(1)
+                if r.numel():
+                    g = (xd[r] @ _deq_block(gq[ex], gs[ex]).t()).to(OUT_DTYPE).float()
+                    u = (xd[r] @ _deq_block(uq[ex], us[ex]).t()).to(OUT_DTYPE).float()
+                    h[r] = (F.silu(g) * u).to(OUT_DTYPE)
+            s["ref_q"], s["ref_s"] = fp8.quantize_per_group(h)
+            wb = torch.cat([gate, up], dim=1)  # baseline: gate and up as one bf16 GEMM, no SwiGLU
+        else:
+            d, inter = p.n, p.k
+            down = torch.randn(e, d, inter, device=dev) * 0.05
+            w, ws = _block_quant(down)
+            h = torch.randn(rows, inter, device=dev, dtype=OUT_DTYPE)
+            hq, hs = fp8.quantize_per_group(h)
+            s.update(hq=hq, hs=hs)
+            hd = fp8.dequantize(hq, hs)
+            ref = torch.empty(rows, d, device=dev, dtype=OUT_DTYPE)
+            for ex in range(e):
+                r = (flat == ex).nonzero().squeeze(1)
+                if r.numel():
+                    ref[r] = (hd[r] @ _deq_block(w[ex], ws[ex]).t()).to(OUT_DTYPE)
+            s["ref"] = ref
+            wb = down
+        copies = self._copies(w.numel())
+        s["copies"] = copies
+        s["w"] = [(w, ws)] + [(w.clone(), ws.clone()) for _ in range(copies - 1)]
+        # baseline inputs: rows sorted by expert, bf16, torch._grouped_mm(a (rows, K), b (E, K, N), offs)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=e)
+        if p.swiglu:
+            s["bf16_a"] = x[order // k].contiguous()  # order holds flat rows: token = row // k
+        else:
+            s["bf16_a"] = h[order].contiguous()
+        s["bf16_w"] = wb.to(OUT_DTYPE).transpose(1, 2)
+        s["offs"] = torch.cumsum(counts, 0).to(torch.int32)
+
+    def _aligned(self, bm: int):
+        """(sorted_ids, block_expert, a, a_scale, out) for alignment ``bm`` (cached per bm)."""
+        s, p = self._s, self.p
+        got = s["align"].get(bm)
+        if got is None:
+            from fp8conv.kernels.grouped_gemm import moe_align
+
+            sid, bexp = moe_align(s["ids"], p.experts, bm)
+            if p.swiglu:
+                a, sa = s["xq"], s["xs"]
+            else:  # the down GEMM reads its input in padded order; padding rows are zero (scale 1)
+                valid = sid < s["rows"]
+                src = torch.where(valid, sid, 0).long()
+                a = s["hq"][src].view(torch.uint8) * valid[:, None].to(torch.uint8)
+                a = a.view(torch.float8_e4m3fn)
+                sa = torch.where(valid[:, None], s["hs"][src], torch.ones_like(s["hs"][src]))
+            n_pad = sid.numel()
+            if p.swiglu:
+                out = (torch.empty(n_pad, p.n // 2, device=sid.device, dtype=torch.float8_e4m3fn),
+                       torch.empty(n_pad, p.n // (2 * fp8.BLOCK), device=sid.device, dtype=torch.float32))
+            else:
+                out = s.setdefault("y", torch.empty(s["rows"], p.n, device=sid.device, dtype=OUT_DTYPE))
+            got = (sid, bexp, a.contiguous(), sa.contiguous(), out)
+            s["align"][bm] = got
+        return got
+
+
+def _block_quant(w: torch.Tensor):
+    """[E, N, K] -> (fp8 [E, N, K], scales [E, N/128, K/128]) per expert with the contract's numerics."""
+    qs = [fp8.quantize_block(w[i]) for i in range(w.shape[0])]
+    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
+def _deq_block(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return fp8.dequantize(q, s)

@@ -1,0 +1,208 @@
+"""What `fp8conv tune` does: derive the shapes, tune them on this GPU into a cache folder, report; and
+`fp8conv tune --show`: what the caches hold and what a checkpoint would use."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fp8conv.config import OneRecConfig, load_config, preset as get_preset
+from fp8conv.errors import UserError
+from fp8conv.tuning import cache, lookup, shapes
+
+
+@dataclass(frozen=True)
+class Source:
+    cfg: OneRecConfig
+    schemes: dict[str, str] | None
+    label: str
+    scheme_origin: str
+
+
+def load_source(ckpt: Path | None, preset: str | None) -> Source | None:
+    if ckpt is not None and preset is not None:
+        raise UserError("give either CKPT or --preset, not both")
+    if preset is not None:
+        return Source(get_preset(preset), None, f"preset {preset}", "built-in OneRec-V2 recipe (preset)")
+    if ckpt is None:
+        return None
+    cfg = load_config(ckpt)
+    schemes = shapes.read_schemes(ckpt)
+    origin = "safetensors headers (weight_scale shapes)"
+    if schemes is None:
+        origin = "built-in OneRec-V2 recipe (no safetensors in the folder)"
+    elif not any(s != "keep" for s in schemes.values()):
+        raise UserError(f"{ckpt}: no FP8 weights (no *.weight_scale): tune an FP8 checkpoint written by "
+                        f"`fp8conv quantize`, or use --preset")
+    return Source(cfg, schemes, str(ckpt), origin)
+
+
+def versions() -> tuple[str, str]:
+    import torch
+
+    return lookup.triton_version(), torch.__version__.split("+")[0]
+
+
+def geomean(xs) -> float | None:
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+# -- tune ---------------------------------------------------------------------------------------------
+
+def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, *, force: bool = False,
+         keep: int = 16, patience: int = 6, quiet: bool = False) -> dict:
+    import torch
+
+    from fp8conv import ui
+    from fp8conv.tuning import candidates, gpu, search
+
+    if not torch.cuda.is_available():
+        raise UserError("fp8conv tune needs a CUDA GPU (torch.cuda.is_available() is False); "
+                        "`fp8conv tune --show` lists the cache without one")
+    problems = shapes.derive(src.cfg, load, src.schemes)
+    targets = shapes.tuning_targets(problems)
+    if not targets:
+        raise UserError(f"{src.label}: no FP8 GEMM to tune (no channel Linear, no block experts)")
+    device = torch.cuda.get_device_name()
+    triton_v, torch_v = versions()
+    lim = candidates.device_limits()
+    t0 = time.monotonic()
+    if not quiet:
+        ui.log(f"tune {src.label} on {device} (Triton {triton_v}, torch {torch_v}): {len(targets)} shapes, "
+               f"batch {load.batch} beam {load.beam}, budget "
+               f"{'none' if budget_s is None else f'{budget_s / 60:.1f} min'}, cache {out_dir}")
+    with ui.progress("tune", len(targets), "shapes", quiet=quiet) as prog:
+        def on_start(i, p, n):
+            prog.advance(0, info=f"{p.label()}: {n} candidates")
+
+        def on_trial(res, trial):
+            b = res.best
+            best = f"best {b.time_us:.1f} us" if b else "no correct config yet"
+            d = res.default_us
+            gain = f" ({d / b.time_us:.2f}x default)" if b and d else ""
+            prog.advance(0, info=f"{res.problem.label()}: {len(res.trials)} tried, {best}{gain}")
+
+        def on_done(i, out):
+            e = out.entry
+            info = f"{out.problem.label()}: {out.status}"
+            if e is not None and e.speedup_vs_default:
+                info += f", {e.time_us:.1f} us, {e.speedup_vs_default:.2f}x default"
+            prog.advance(1, info=info)
+
+        outcomes = search.run_targets(
+            targets, out_dir, device, gpu.KernelBench("cuda"), gpu.cuda_timer,
+            lambda p: candidates.candidates(p, lim, keep=keep), triton=triton_v, torch=torch_v,
+            budget_s=budget_s, force=force, patience=patience, on_start=on_start, on_trial=on_trial,
+            on_done=on_done, warn=ui.log)
+    lookup.clear()
+    entries = [o.entry for o in outcomes if o.entry is not None]
+    report = {
+        "source": src.label, "schemes_from": src.scheme_origin, "device": device, "triton": triton_v,
+        "torch": torch_v, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "load": {"batch": load.batch, "beam": load.beam, "context": load.context},
+        "cache_dir": str(out_dir), "budget_s": budget_s, "elapsed_s": round(time.monotonic() - t0, 2),
+        "limits": {"sms": lim.sms, "max_shared": lim.max_shared, "max_regs": lim.max_regs},
+        "summary": {
+            status: sum(o.status == status for o in outcomes) for status in ("tuned", "resumed", "failed", "skipped")
+        },
+        "geomean_speedup_vs_default": geomean(e.speedup_vs_default for e in entries),
+        "geomean_speedup_vs_baseline": geomean(e.speedup_vs_baseline for e in entries),
+        "shapes": [o.to_dict() for o in outcomes],
+        "not_tuned": [p.to_dict() for p in problems if not p.tunable],
+    }
+    return report
+
+
+def print_tune(report: dict) -> None:
+    from fp8conv import ui
+
+    ui.log("kernel            N     K       M  bucket |   tuned us  default us  baseline us | x default  x base | config")
+    for s in report["shapes"]:
+        p, e = s["problem"], s["entry"]
+        if e is None:
+            ui.log(f"{p['kernel']:<16} {p['N']:>5} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | {s['status']}")
+            continue
+        c = e["config"]
+        cfg = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} w{c['num_warps']} s{c['num_stages']}"
+        ui.log(f"{p['kernel']:<16} {p['N']:>5} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | "
+               f"{e['time_us']:>10.1f} {_f(e['default_time_us']):>11} {_f(e['baseline_time_us']):>12} | "
+               f"{_f(e['speedup_vs_default'], 2):>9} {_f(e['speedup_vs_baseline'], 2):>7} | {cfg}"
+               f"{'' if s['status'] == 'tuned' else ' (' + s['status'] + ')'}")
+    sm = report["summary"]
+    ui.log(f"{sm['tuned']} tuned, {sm['resumed']} already in the cache, {sm['failed']} failed, "
+           f"{sm['skipped']} skipped (budget) in {report['elapsed_s']:.0f} s; geometric mean "
+           f"{_f(report['geomean_speedup_vs_default'], 3)}x the default configs, "
+           f"{_f(report['geomean_speedup_vs_baseline'], 3)}x the library baselines; wrote {report['cache_dir']}")
+    for p in report["not_tuned"]:
+        ui.log(f"not tuned: {p['kernel']} {p['M']} x {p['N']} -> {p['K']} (no tunable Triton kernel: torch.topk)")
+
+
+def _f(x, nd: int = 1) -> str:
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+# -- show -----------------------------------------------------------------------------------------------
+
+def show(src: Source | None, load: shapes.Load, extra_dirs: list[Path], device: str | None) -> dict:
+    dirs = cache.search_dirs(extra_dirs)
+    files, problems_found, devices = [], [], set()
+    for d in dirs:
+        good, bad = cache.scan(d)
+        for path, cf in good:
+            devices.add(cf.device)
+            files.append({"path": str(path), "device": cf.device, "kernel": cf.kernel, "N": cf.n, "K": cf.k,
+                          "entries": {str(b): e.to_dict() for b, e in sorted(cf.entries.items())}})
+        problems_found += [{"path": str(e.path), "problem": e.reason} for e in bad]
+    out = {"search_dirs": [str(d) for d in dirs], "files": files, "bad_files": problems_found,
+           "triton": lookup.triton_version()}
+    if src is not None:
+        targets = shapes.tuning_targets(shapes.derive(src.cfg, load, src.schemes))
+        devs = [device] if device else ([lookup.current_device()] if lookup.current_device() else sorted(devices))
+        if not devs:
+            devs = [candidates_h100_name()]
+        out["checkpoint"] = {"source": src.label, "schemes_from": src.scheme_origin,
+                             "load": {"batch": load.batch, "beam": load.beam, "context": load.context},
+                             "devices": {}}
+        lookup.clear()
+        for dev in devs:
+            out["checkpoint"]["devices"][dev] = [
+                lookup.lookup(p.kernel, p.n, p.k, p.m, device=dev, dirs=dirs).to_dict() | {"label": p.label()}
+                for p in targets]
+    return out
+
+
+def candidates_h100_name() -> str:
+    from fp8conv.tuning.candidates import H100
+
+    return H100.name
+
+
+def print_show(rep: dict) -> None:
+    from fp8conv import ui
+
+    ui.log("searched (first wins): " + ", ".join(rep["search_dirs"]))
+    if not rep["files"]:
+        ui.log("the caches hold no tuned configs")
+    for f in rep["files"]:
+        ui.log(f"{f['path']}: {f['device']} {f['kernel']} N={f['N']} K={f['K']}")
+        for b, e in f["entries"].items():
+            c = e["config"]
+            ui.log(f"  bucket {b:>6} (M={e['m']}): {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} "
+                   f"w{c['num_warps']} s{c['num_stages']}  {e['time_us']:.1f} us, "
+                   f"{_f(e.get('speedup_vs_default'), 2)}x default, {_f(e.get('speedup_vs_baseline'), 2)}x "
+                   f"{e.get('baseline') or 'baseline'}; Triton {e['triton']}, torch {e['torch']}, {e['date']}")
+    for b in rep["bad_files"]:
+        ui.log(f"SKIPPED {b['path']}: {b['problem']}")
+    ck = rep.get("checkpoint")
+    if ck:
+        ui.log(f"{ck['source']} at batch {ck['load']['batch']} beam {ck['load']['beam']} "
+               f"(schemes from {ck['schemes_from']}), Triton {rep['triton']}:")
+        for dev, choices in ck["devices"].items():
+            ui.log(f"  on {dev}:")
+            for c in choices:
+                how = c["level"] if c["level"] != "default" else "DEFAULT"
+                detail = f" ({c['reason']})" if c["reason"] else ""
+                ui.log(f"    {c['label']:<70} {how}{detail}")
