@@ -1,0 +1,401 @@
+"""Build, check and time the FP8 kernels against torch's baselines at the 4b preset's shapes (issue 4).
+
+    python benchmarks/bench_kernels.py [--m 32,512,4096,16384] [--json OUT.json] [--sweep] [--quick]
+
+Per case one line `M N K | us | TFLOP/s | GB/s | x vs baseline`, then a summary of the issue's goals
+at the largest M (geometric means over the preset's shapes). Every timed output is first checked
+against the dequantized float32 reference (kernels/testing.py); a failed check is reported and the
+case is marked, never silently timed.
+
+Timing: CUDA-graph replays of many calls (triton.testing.do_bench_cudagraph, median of its retries),
+so launch gaps of the Python launchers stay out of the GPU time; inputs rotate over enough copies to
+exceed twice the L2 (graphs do not flush it). GB/s counts the least bytes the operation must move
+(each input read once, each output written once) for its interface: bf16 in/out for a Linear,
+FP8 operands for a GEMM alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+import triton
+import triton.testing
+
+from fp8conv import numerics as fp8
+from fp8conv.kernels import act_quant, grouped_gemm as gg
+from fp8conv.kernels.config import KernelConfig, default_config
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
+from fp8conv.kernels.testing import check, ref_gemm_nt
+from fp8conv.runtime.ops import rms_norm
+
+D, INTER, E, TOPK = 1408, 3840, 53, 3  # 4b preset (DESIGN)
+INTER_E = 1408  # routed expert width
+DENSE = [("q/o", 1408, 1408), ("k/v", 128, 1408), ("gate/up", 3840, 1408), ("down", 1408, 3840)]
+L2_BYTES = 50 * 2**20
+RESULTS: list[dict] = []
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+def rotating(make_set, set_bytes: int):
+    """Copies of the inputs so that one pass over all of them exceeds 2x L2 (at most 16)."""
+    n = max(1, min(16, math.ceil(2 * L2_BYTES / max(1, set_bytes))))
+    return [make_set() for _ in range(n)]
+
+
+def time_us(fn, sets) -> float:
+    it = [0]
+
+    def call():
+        s = sets[it[0] % len(sets)]
+        it[0] += 1
+        return fn(*s)
+
+    call()
+    torch.cuda.synchronize()
+    try:
+        ms = triton.testing.do_bench_cudagraph(call, rep=50, return_mode="median")
+    except Exception as exc:  # capture failed: fall back to event timing (L2 flushed by do_bench)
+        print(f"  (graph capture failed: {type(exc).__name__}: {exc}; timing with do_bench)")
+        ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+    return ms * 1e3
+
+
+def record(case, variant, m, n, k, us, flops, nbytes, base_us=None, base_name="", err=None, extra=None):
+    tf = flops / us / 1e6
+    gbs = nbytes / us / 1e3
+    ratio = base_us / us if base_us else None
+    r = {"case": case, "variant": variant, "M": m, "N": n, "K": k, "us": round(us, 3),
+         "tflops": round(tf, 1), "gbs": round(gbs, 1), "baseline": base_name,
+         "x_vs_baseline": None if ratio is None else round(ratio, 3), "mean_rel_err": err}
+    r.update(extra or {})
+    RESULTS.append(r)
+    rs = f"{ratio:5.2f}x vs {base_name}" if ratio else "baseline"
+    es = "" if err is None else f" err {err:.1e}"
+    print(f"{case:>8} {variant:<22} {m:6d} {n:5d} {k:5d} | {us:9.1f} us | {tf:7.1f} TFLOP/s | "
+          f"{gbs:7.1f} GB/s | {rs}{es}", flush=True)
+    return us
+
+
+def checked(out, ref, what):
+    try:
+        return check(out, ref, what=what)
+    except AssertionError as exc:
+        print(f"  CHECK FAILED: {exc}")
+        return float("nan")
+
+
+# -- torch baselines -----------------------------------------------------------------------------
+
+def torch_per_token_quant(x):
+    amax = x.abs().amax(dim=1, keepdim=True).float()
+    s = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0)
+    return (x.float() / s).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn), s
+
+
+def scaled_mm(a, sa, b, sb, dtype=torch.bfloat16):
+    return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb.reshape(1, -1), out_dtype=dtype)
+
+
+# -- dense -----------------------------------------------------------------------------------------
+
+def _dense_set(m, n, k):
+    """One set of inputs: x bf16, the weight as bf16 and as FP8 (per channel), x pre-quantized."""
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda") * k ** -0.5
+    wq, ws = fp8.quantize_channel(w)
+    xq, xs = fp8.quantize_per_token(x)
+    return x, w.to(torch.bfloat16), wq, ws, xq, xs
+
+
+def bench_dense(ms, sweep):
+    for m in ms:
+        for name, n, k in DENSE:
+            sets = rotating(lambda: _dense_set(m, n, k), 3 * m * k + 3 * n * k)
+            x, wb, wq, ws, xq, xs = sets[0]
+            nw = 1 + 0.1 * torch.randn(k, device="cuda")
+            flops = 2 * m * n * k
+            lin_bytes = 2 * m * k + n * k + 2 * m * n
+            bf_bytes = 2 * m * k + 2 * n * k + 2 * m * n
+            gemm_bytes = m * k + n * k + 2 * m * n
+            ref_lin = ref_gemm_nt(xq, xs, wq, ws, torch.bfloat16)
+
+            bf = time_us(lambda x, wb, wq, ws, xq, xs: x @ wb.t(), sets)
+            record(name, "cublas bf16", m, n, k, bf, flops, bf_bytes)
+            # torch FP8: eager per-token quantization + _scaled_mm rowwise
+            try:
+                checked(scaled_mm(*torch_per_token_quant(x), wq, ws), ref_lin, "torch quant+_scaled_mm")
+                tq = time_us(lambda x, wb, wq, ws, xq, xs: scaled_mm(*torch_per_token_quant(x), wq, ws), sets)
+                record(name, "torch quant+_scaled_mm", m, n, k, tq, flops, lin_bytes, bf, "bf16")
+                smm = time_us(lambda x, wb, wq, ws, xq, xs: scaled_mm(xq, xs, wq, ws), sets)
+                record(name, "_scaled_mm", m, n, k, smm, flops, gemm_bytes, bf, "bf16")
+            except Exception as exc:
+                print(f"  torch._scaled_mm unavailable: {exc}")
+                tq = smm = None
+            # ours: GEMM alone, Linear (quant + GEMM), RMSNorm-fused Linear
+            for variant in ("auto", "ptr"):
+                err = checked(fp8_gemm_nt(xq, xs, wq, ws, variant=variant), ref_lin, f"gemm {variant}")
+                g = time_us(lambda x, wb, wq, ws, xq, xs, v=variant: fp8_gemm_nt(xq, xs, wq, ws, variant=v), sets)
+                record(name, f"fp8_gemm {variant}", m, n, k, g, flops, gemm_bytes, smm, "_scaled_mm", err)
+            err = checked(fp8_gemm_nt(*act_quant.per_token_quant(x), wq, ws), ref_lin, "linear")
+            lin = time_us(lambda x, wb, wq, ws, xq, xs: fp8_gemm_nt(*act_quant.per_token_quant(x), wq, ws), sets)
+            record(name, "fp8 linear (quant+gemm)", m, n, k, lin, flops, lin_bytes, bf, "bf16", err,
+                   {"x_vs_torch_fp8": None if tq is None else round(tq / lin, 3)})
+            qt = time_us(lambda x, *_: act_quant.per_token_quant(x), sets)
+            record(name, "  per_token_quant only", m, n, k, qt, 0, 3 * m * k + 4 * m)
+            # fused producer: RMSNorm + quant + GEMM vs torch rms_norm + cuBLAS
+            ref_n = ref_gemm_nt(*fp8.quantize_per_token(rms_norm(x, nw, 1e-6)), wq, ws, torch.bfloat16)
+            err = checked(fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), ref_n, "norm linear")
+            nwb = nw.to(torch.bfloat16)
+            bfn = time_us(lambda x, wb, *_: torch.nn.functional.rms_norm(x, (k,), nwb, 1e-6) @ wb.t(), sets)
+            record(name, "rms_norm+cublas bf16", m, n, k, bfn, flops, bf_bytes)
+            fn = time_us(lambda x, wb, wq, ws, *_: fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), sets)
+            record(name, "fp8 rmsnorm_quant+gemm", m, n, k, fn, flops, lin_bytes, bfn, "norm+bf16", err)
+            if sweep and m >= 4096:
+                sweep_gemm(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
+
+
+def gemm_candidates(m):
+    if m <= 512:
+        tiles = [(32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 128, 128, 4, 3),
+                 (64, 256, 128, 8, 3)]
+    else:
+        tiles = [(128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                 (128, 256, 64, 8, 4), (128, 128, 64, 4, 5), (64, 256, 128, 4, 4), (128, 64, 128, 4, 4)]
+    return [KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
+def sweep_gemm(name, m, n, k, sets, ref, smm, flops, nbytes):
+    best = None
+    x, wb, wq, ws, xq, xs = sets[0]
+    for cfg in gemm_candidates(m):
+        for variant in ("tma", "ptr"):
+            try:
+                err = checked(fp8_gemm_nt(xq, xs, wq, ws, config=cfg, variant=variant), ref, "sweep")
+                if err != err:
+                    continue
+                us = time_us(lambda x, wb, wq, ws, xq, xs: fp8_gemm_nt(xq, xs, wq, ws, config=cfg, variant=variant),
+                             sets)
+            except Exception as exc:  # out of shared memory etc.
+                print(f"  skip {cfg.to_dict()} {variant}: {type(exc).__name__}")
+                continue
+            tag = f"sweep {variant} {cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps}s{cfg.num_stages}"
+            record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
+                   {"config": cfg.to_dict(), "sweep": True})
+            if best is None or us < best[0]:
+                best = (us, variant, cfg)
+    if best:
+        print(f"  best {name} M={m}: {best[1]} {best[2].to_dict()} {best[0]:.1f} us")
+
+
+# -- MoE -----------------------------------------------------------------------------------------------
+
+def bench_moe(ms, sweep):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def qb(rows, cols):
+        w = torch.randn(E, rows, cols, device="cuda", generator=g) * cols ** -0.5
+        qs = [fp8.quantize_block(w[e]) for e in range(E)]
+        return w.to(torch.bfloat16), torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+    gb, gq, gs = qb(INTER_E, D)
+    ub, uq, us_ = qb(INTER_E, D)
+    db, dq, ds = qb(D, INTER_E)
+    packed = gg.pack_experts(gq, uq, dq, gs, us_, ds)
+    w13b = gg._interleave_blocks(gb, ub, 128)  # same layout as the FP8 weight (I_E % 128 == 0)
+    w13t, w2t = w13b.transpose(1, 2), db.transpose(1, 2)  # (E, K, N) column-major views
+    for m in ms:
+        rows = m * TOPK
+        x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
+        ids = torch.rand(m, E, device="cuda", generator=g).topk(TOPK, dim=1).indices
+        tw = torch.rand(m, TOPK, device="cuda", generator=g)
+        f13 = 2 * rows * 2 * INTER_E * D
+        f2 = 2 * rows * D * INTER_E
+        rpe = max(1, rows // E)
+        c1 = default_config("fp8_grouped_gemm", rpe, 2 * INTER_E, D)
+        c2 = default_config("fp8_grouped_gemm", rpe, D, INTER_E)
+        align = max(c1.BLOCK_M, c2.BLOCK_M)
+        xq, xs = act_quant.per_group_quant(x)
+        sid, bexp = gg.moe_align(ids, E, align)
+        # bf16 baseline: rows sorted by expert, torch._grouped_mm for gate/up and down
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        xs_sorted = x[order // TOPK].contiguous()
+        have_gmm = hasattr(torch, "_grouped_mm")
+        if have_gmm:
+            gu = torch._grouped_mm(xs_sorted, w13t, offs=offs)
+            h_b = (torch.nn.functional.silu(gu.view(rows, -1, 2, 128)[:, :, 0].float())
+                   * gu.view(rows, -1, 2, 128)[:, :, 1].float()).to(torch.bfloat16).reshape(rows, INTER_E)
+            t13 = time_us(lambda a: torch._grouped_mm(a, w13t, offs=offs), [(xs_sorted,)])
+            record("experts", "_grouped_mm bf16 gate/up", rows, 2 * INTER_E, D, t13, f13,
+                   2 * rows * D + 2 * E * 2 * INTER_E * D + 2 * rows * 2 * INTER_E)
+            t2 = time_us(lambda a: torch._grouped_mm(a, w2t, offs=offs), [(h_b,)])
+            record("experts", "_grouped_mm bf16 down", rows, D, INTER_E, t2, f2,
+                   2 * rows * INTER_E + 2 * E * D * INTER_E + 2 * rows * D)
+        else:
+            print("  torch._grouped_mm not available")
+            t13 = t2 = None
+        # torch._scaled_grouped_mm (rowwise scales: per token x per channel, not block) for reference
+        if hasattr(torch, "_scaled_grouped_mm"):
+            try:
+                aq, asc = torch_per_token_quant(xs_sorted)
+                w13c = packed.w13  # (E, N, K) fp8 row-major; mat_b wants (E, K, N) column-major
+                sb = torch.ones(E, 2 * INTER_E, device="cuda")
+                fn = lambda a, s: torch._scaled_grouped_mm(a, w13c.transpose(1, 2), s.reshape(-1), sb,  # noqa: E731
+                                                           offs=offs, out_dtype=torch.bfloat16)
+                fn(aq, asc)
+                ts = time_us(fn, [(aq, asc)])
+                record("experts", "_scaled_grouped_mm g/u", rows, 2 * INTER_E, D, ts, f13,
+                       rows * D + E * 2 * INTER_E * D + 2 * rows * 2 * INTER_E, t13, "_grouped_mm")
+            except Exception as exc:
+                print(f"  torch._scaled_grouped_mm failed: {type(exc).__name__}: {str(exc)[:200]}")
+        # ours: gate/up with fused SwiGLU + 1x128 quant
+        hq, hs = gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK, swiglu=True,
+                                           align_m=align, config=c1)
+        k13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
+                                                        swiglu=True, align_m=align, config=c1), [()])
+        record("experts", "fp8 gate/up+swiglu+q", rows, 2 * INTER_E, D, k13, f13,
+               rows * D + E * 2 * INTER_E * D + rows * INTER_E, t13, "_grouped_mm")
+        k2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed.w2, packed.s2, sid, bexp, topk=TOPK,
+                                                       swiglu=False, align_m=align, num_valid=rows,
+                                                       config=c2), [()])
+        record("experts", "fp8 down", rows, D, INTER_E, k2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
+               t2, "_grouped_mm")
+        if t13:
+            record("experts", "fp8 both GEMMs", rows, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm",
+                   None, {"goal": "grouped"})
+        # whole layer: ours (quant, align, 2 GEMMs, combine) vs a bf16 torch pipeline
+        full = lambda a: gg.fused_experts(a, ids, tw, packed)  # noqa: E731
+        if m <= 4096:
+            from fp8conv.runtime.ops import Experts, ReferenceBackend
+            ex = Experts(gq, uq, dq, gs, us_, ds, "bench")
+            err = checked(full(x), ReferenceBackend().experts(x, ids, tw, ex), "fused_experts")
+        else:
+            err = None
+        tf = time_us(full, [(x,)])
+
+        def bf16_layer(a):
+            fl = ids.reshape(-1)
+            o = torch.argsort(fl, stable=True)
+            cnt = torch.zeros(E, dtype=torch.int64, device=a.device).index_add_(0, fl, torch.ones_like(fl))
+            of = torch.cumsum(cnt, 0).to(torch.int32)  # no host sync: capturable
+            gu_ = torch._grouped_mm(a[o // TOPK], w13t, offs=of).view(rows, -1, 2, 128)
+            h_ = (torch.nn.functional.silu(gu_[:, :, 0]) * gu_[:, :, 1]).reshape(rows, INTER_E)
+            y_ = torch._grouped_mm(h_, w2t, offs=of)
+            out = torch.zeros(a.shape[0], D, device=a.device, dtype=torch.float32)
+            out.index_add_(0, o // TOPK, y_.float() * tw.reshape(-1)[o, None])
+            return out.to(a.dtype)
+
+        tb = time_us(bf16_layer, [(x,)]) if have_gmm else None
+        if tb:
+            record("experts", "bf16 layer (torch)", m, 0, 0, tb, f13 + f2, 0)
+        record("experts", "fp8 layer (fused_experts)", m, 0, 0, tf, f13 + f2, 0, tb, "bf16 layer", err)
+        if sweep and m >= 4096:
+            sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2)
+
+
+def sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2):
+    rows = m * TOPK
+    for bm, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 4), (64, 4, 4)]:
+        sid, bexp = gg.moe_align(ids, E, 128)
+        c1 = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
+        try:
+            us = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
+                                                           swiglu=True, align_m=128, config=c1), [()])
+            record("experts", f"sweep g/u {bm}x256 w{w}s{s}", rows, 2 * INTER_E, D, us, f13, 0, t13,
+                   "_grouped_mm", None, {"config": c1.to_dict(), "sweep": True})
+        except Exception as exc:
+            print(f"  skip g/u {c1.to_dict()}: {type(exc).__name__}")
+        for bn in (128, 256):
+            c2 = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
+            hq2, hs2 = gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
+                                                 swiglu=True, align_m=128)
+            try:
+                us = time_us(lambda: gg.grouped_gemm_block_fp8(hq2, hs2, packed.w2, packed.s2, sid, bexp, topk=TOPK,
+                                                               swiglu=False, align_m=128, num_valid=rows,
+                                                               config=c2), [()])
+                record("experts", f"sweep down {bm}x{bn} w{w}s{s}", rows, D, INTER_E, us, f2, 0, t2,
+                       "_grouped_mm", None, {"config": c2.to_dict(), "sweep": True})
+            except Exception as exc:
+                print(f"  skip down {c2.to_dict()}: {type(exc).__name__}")
+
+
+# -- summary -------------------------------------------------------------------------------------------
+
+def geomean(xs):
+    xs = [x for x in xs if x]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def summary(m):
+    def ratios(variant, key="x_vs_baseline"):
+        return [r[key] for r in RESULTS if r["variant"] == variant and r["M"] == m and not r.get("sweep")]
+
+    def best_sweep_ratio():
+        out = []
+        for name, _, _ in DENSE:
+            rs = [r["x_vs_baseline"] for r in RESULTS if r["case"] == name and r["M"] == m and r.get("sweep")
+                  and r["variant"].startswith("sweep")]
+            if rs:
+                out.append(max(rs))
+        return out
+
+    rows = [
+        ("FP8 Linear incl. quant vs cuBLAS bf16", geomean(ratios("fp8 linear (quant+gemm)")), 1.5),
+        ("FP8 Linear incl. quant vs torch quant+_scaled_mm", geomean(ratios("fp8 linear (quant+gemm)",
+                                                                            "x_vs_torch_fp8")), 1.3),
+        ("RMSNorm-fused FP8 Linear vs rms_norm+cuBLAS bf16", geomean(ratios("fp8 rmsnorm_quant+gemm")), 1.5),
+        ("FP8 GEMM alone (default cfg) vs _scaled_mm", geomean(ratios("fp8_gemm auto")), 1.0),
+        ("FP8 GEMM alone (best swept cfg) vs _scaled_mm", geomean(best_sweep_ratio()), 1.0),
+        ("grouped FP8 expert GEMMs vs _grouped_mm bf16", geomean(ratios("fp8 both GEMMs")), 1.6),
+        ("whole MoE layer FP8 vs bf16 torch pipeline", geomean(ratios("fp8 layer (fused_experts)")), None),
+    ]
+    print(f"\n== summary at M = {m} (geometric mean over the preset's shapes) ==")
+    for label, val, goal in rows:
+        verdict = "" if goal is None or val != val else ("  MET" if val >= goal else "  missed")
+        print(f"{label:<52} {val:6.2f}x" + (f"  (goal {goal}x){verdict}" if goal else ""))
+    return [{"goal": label, "value": None if val != val else round(val, 3), "target": goal} for label, val, goal in rows]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--m", default="32,512,4096,16384")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="also time candidate configs at M >= 4096")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: dense,moe")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels needs a CUDA GPU")
+    ms = [int(v) for v in args.m.split(",")]
+    props = torch.cuda.get_device_properties(0)
+    env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
+           "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    print(json.dumps(env))
+    torch.manual_seed(0)
+    t0 = time.time()
+    skip = set(args.skip.split(","))
+    if "dense" not in skip:
+        bench_dense(ms, args.sweep)
+    if "moe" not in skip:
+        bench_moe(ms, args.sweep)
+    summaries = {m: summary(m) for m in ms if m >= 4096}
+    env["seconds"] = round(time.time() - t0, 1)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "results": RESULTS, "summary": summaries}, f, indent=1)
+    print(f"done in {env['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One device call: environment check, the kernel tests on the GPU (CUDA-marked tests included), then
+# benchmarks/bench_kernels.py with its JSON and log under $OUT.
+#   STAGE=all|test|bench benchmarks/gpu_sweep.sh [bench_kernels.py args, e.g. --sweep --m 4096,16384]
+set -uo pipefail
+OUT=${OUT:-/tmp/fp8conv-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv \
+  | tee "$OUT/env.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
+  | tee -a "$OUT/env.txt"
+# fp8conv with kernels/ as fp8conv.kernels, offline: an editable install, else a symlink on PYTHONPATH
+if ! python3 -c "import fp8conv.kernels.fp8_gemm" 2>/dev/null; then
+  if ! pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1; then
+    ln -sfn ../kernels fp8conv/kernels
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  fi
+fi
+python3 -c "import fp8conv.kernels.fp8_gemm as m; print('fp8conv.kernels from', m.__file__)" || exit 1
+STAGE=${STAGE:-all}
+if [[ $STAGE == all || $STAGE == test ]]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_act_quant.py tests/test_kernels_gemm.py \
+    tests/test_kernels_grouped.py tests/test_kernels_backend.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+fi
+if [[ $STAGE == all || $STAGE == bench ]]; then
+  python3 benchmarks/bench_kernels.py --json "$OUT/bench_kernels.json" "$@" 2>&1 | tee "$OUT/bench.log"
+fi
