@@ -41,8 +41,7 @@ ZERO_FRAC_LIMIT = 0.01
 GROUP_SMALL_LIMIT = 0.5
 EXACT_KTH_LIMIT = 1 << 24  # above this many elements kthvalue beats topk on memory
 
-# The DESIGN default (the onerec_v2 recipe) for checkpoints without weight_scale tensors, used when
-# fp8conv.recipe is not available. Qwen3-style names fall under the same patterns.
+# DESIGN's default by name, for unquantized checkpoints that no built-in recipe fits (recipe_for).
 _BLOCK = re.compile(r".*\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 _CHANNEL = re.compile(r".*\.((q|k|v|o)_proj|(gate|up|down)_proj)\.weight$")
 
@@ -156,16 +155,19 @@ def _risks(s: dict) -> tuple[str, ...]:
     return tuple(r)
 
 
-def source_stats(name: str, w: torch.Tensor, scheme: str | None = None) -> TensorStats:
+def source_stats(name: str, w: torch.Tensor, scheme: str | None = None,
+                 notes: tuple[str, ...] = ()) -> TensorStats:
     """Statistics of an unquantized tensor, and what its scheme's FP8 quantization would do to it."""
     scheme = scheme or default_scheme(name, tuple(w.shape))
     x = w.float()
     s = _basic(name, x, str(w.dtype).replace("torch.", ""), scheme)
+    s["notes"] = notes
     if scheme in ("channel", "block") and w.numel() and s["finite"]:
         q, scale = (fp8.quantize_channel if scheme == "channel" else fp8.quantize_block)(w)
         s.update(_fp8_effects(x, q, scheme, source=True))
         s["sqnr_db"] = sqnr_db(fp8.dequantize(q, scale), x)
-    return TensorStats(**s, risks=_risks(s))
+    notes = s.pop("notes")
+    return TensorStats(**s, risks=notes + _risks(s))
 
 
 def fp8_stats(name: str, q: torch.Tensor, scale: torch.Tensor) -> TensorStats:
@@ -182,10 +184,37 @@ def fp8_stats(name: str, q: torch.Tensor, scale: torch.Tensor) -> TensorStats:
     return TensorStats(**s, risks=_risks(s))
 
 
-def iter_checkpoint_stats(ckpt: str | Path) -> Iterator[TensorStats]:
+def recipe_for(ckpt: str | Path, recipe: str | None = None):
+    """The recipe that decides the schemes of an unquantized checkpoint: ``recipe`` (a built-in name or
+    a TOML file) if given, else the built-in one named like config.json's model_type (onerec_v2,
+    qwen3, qwen3_moe), else None (then DESIGN's name-based default, ``default_scheme``)."""
+    import json
+
+    from fp8conv.recipe import builtin_names, load_recipe
+
+    if recipe is not None:
+        return load_recipe(recipe)
+    try:
+        model_type = json.loads((Path(ckpt) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return load_recipe(model_type) if model_type in builtin_names() else None
+
+
+def _recipe_scheme(recipe, name: str, shape: tuple[int, ...]) -> tuple[str, tuple[str, ...]]:
+    if recipe is None:
+        return default_scheme(name, shape), ()
+    try:
+        return recipe.scheme_for(name, shape), ()
+    except UserError:  # inspect reports what quantize would refuse instead of refusing itself
+        return "keep", (f"no rule of recipe {recipe.name!r} claims it: fp8conv quantize would refuse",)
+
+
+def iter_checkpoint_stats(ckpt: str | Path, recipe=None) -> Iterator[TensorStats]:
     """One TensorStats per tensor of the checkpoint, in file order (``X.weight_scale`` folds into its
     FP8 ``X.weight``). Works on any safetensors folder (OneRec-V2, Qwen3, ...); reads one tensor at a
-    time through safetensors' memory map."""
+    time through safetensors' memory map. ``recipe`` (fp8conv.recipe.Recipe or None) decides the
+    schemes of unquantized tensors; FP8 tensors carry theirs in their scale's shape."""
     from safetensors import safe_open
 
     from fp8conv.runtime.loader import tensor_files
@@ -214,7 +243,8 @@ def iter_checkpoint_stats(ckpt: str | Path) -> Iterator[TensorStats]:
                 raise UserError(f"{files[name]}: FP8 tensor '{name}' has no '{name}_scale'")
             yield fp8_stats(name, t, get(name + "_scale"))
         elif t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            yield source_stats(name, t)
+            scheme, notes = _recipe_scheme(recipe, name, tuple(t.shape))
+            yield source_stats(name, t, scheme, notes)
         # integer / bool buffers carry no weight statistics
 
 

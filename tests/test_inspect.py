@@ -178,6 +178,28 @@ def test_cli_json_flags_planted_tensor(tmp_path, capsys, ckpts):
     assert "model.layers.1.self_attn.v_proj.weight" in err and "risky tensors: 1" in err
 
 
+def test_schemes_follow_the_recipe(tmp_path, ckpts, capsys):
+    from fp8conv.recipe import load_recipe
+
+    src = ckpts[0]
+    rec = ins.recipe_for(src)
+    assert rec is not None and rec.name == "onerec_v2"  # chosen by config.json's model_type
+    for s in ins.iter_checkpoint_stats(src, rec):
+        assert s.scheme == rec.scheme_for(s.name, s.shape), s.name
+    # a recipe that leaves the routed experts unclaimed: reported, not refused
+    recipe = tmp_path / "partial.toml"
+    recipe.write_text(
+        "name = 'partial'\ndefault = 'error'\n"
+        "[[rules]]\npattern = 're:.*\\.(self_attn|cross_attn|mlp)\\.[a-z]+_proj\\.weight'\nscheme = 'channel'\n"
+        "[[rules]]\npattern = 're:(model\\.embed_tokens|context\\..*|lm_heads\\..*|.*\\.gate)\\.weight'\n"
+        "scheme = 'keep'\n")
+    stats = list(ins.iter_checkpoint_stats(src, load_recipe(str(recipe))))
+    unclaimed = [s for s in stats if any("no rule of recipe" in r for r in s.risks)]
+    assert unclaimed and all(".mlp.experts." in s.name or "shared_experts" in s.name for s in unclaimed)
+    assert main(["inspect", str(src), "--recipe", str(recipe), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["recipe"] == "partial"
+
+
 def test_cli_bad_folder(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "model.safetensors" in capsys.readouterr().err

@@ -15,17 +15,21 @@ import click
               help="Also record the input of every Linear over sample inputs (OneRec-V2 checkpoints).")
 @click.option("--top", type=click.IntRange(min=0), default=20, show_default=True, envvar="FP8CONV_INSPECT_TOP",
               help="Rows of the table: the riskiest tensors first [env FP8CONV_INSPECT_TOP].")
+@click.option("--recipe", default=None, envvar="FP8CONV_RECIPE",
+              help="Recipe (built-in name or TOML file) deciding the schemes of an unquantized checkpoint; "
+                   "default: the built-in named like config.json's model_type [env FP8CONV_RECIPE].")
 @click.option("--device", default="cpu", show_default=True, envvar="FP8CONV_DEVICE",
               help="Device for --activations [env FP8CONV_DEVICE].")
-def inspect_cmd(ckpt: str, as_json: bool, activations: bool, top: int, device: str) -> None:
+def inspect_cmd(ckpt: str, as_json: bool, activations: bool, top: int, recipe: str | None, device: str) -> None:
     """Weight statistics of CKPT (FP16/BF16/FP32 or FP8; FP8 weights are dequantized with their
     weight_scale first) and the tensors whose range is risky for their FP8 scheme."""
     from fp8conv import inspect_stats as ins
     from fp8conv.ui import emit_json, progress
 
+    rec = ins.recipe_for(ckpt, recipe)
     stats = []
     with progress("inspect", ins.tensor_count(ckpt), "tensors", quiet=as_json) as p:
-        for s in ins.iter_checkpoint_stats(ckpt):
+        for s in ins.iter_checkpoint_stats(ckpt, rec):
             stats.append(s)
             p.advance(1, info=s.name)
     summary = ins.summarize(stats)
@@ -35,17 +39,18 @@ def inspect_cmd(ckpt: str, as_json: bool, activations: bool, top: int, device: s
 
         acts = ia.activation_stats(ckpt, device=device)
     if as_json:
-        emit_json(_report(ckpt, stats, summary, acts))
+        emit_json(_report(ckpt, stats, summary, acts, rec))
         return
-    _print(stats, summary, acts, top)
+    _print(stats, summary, acts, top, rec)
 
 
-def _report(ckpt, stats, summary, acts) -> dict:
+def _report(ckpt, stats, summary, acts, rec) -> dict:
     from dataclasses import asdict
 
     from fp8conv.inspect_stats import GROUP_SMALL_LIMIT, ZERO_FRAC_LIMIT
 
-    out = {"checkpoint": str(ckpt), "summary": asdict(summary),
+    out = {"checkpoint": str(ckpt), "recipe": rec.name if rec is not None else None,
+           "summary": asdict(summary),
            "thresholds": {"zero_frac": ZERO_FRAC_LIMIT, "worst_group_small": GROUP_SMALL_LIMIT},
            "tensors": [s.to_json() for s in stats]}
     if acts is not None:
@@ -63,7 +68,7 @@ def _fmt(x, spec=".3g", pct=False) -> str:
     return f"{x:.2%}" if pct else format(x, spec)
 
 
-def _print(stats, summary, acts, top) -> None:
+def _print(stats, summary, acts, top, rec) -> None:
     from rich.table import Table
 
     from fp8conv.inspect_stats import risk_order
@@ -83,6 +88,8 @@ def _print(stats, summary, acts, top) -> None:
                   _fmt(s.absp99), _fmt(s.zero_frac, pct=True), _fmt(s.worst_group_small, pct=True),
                   _fmt(s.sqnr_db, ".1f"), "; ".join(s.risks) or "ok")
     con.print(t)
+    con.print("schemes of unquantized tensors: " + (f"recipe {rec.name!r}" if rec is not None else
+                                                     "DESIGN's name-based default (no recipe fits)"))
     con.print(f"all {summary.tensors} tensors: mean variance {summary.mean_variance:.4g}, mean AbsMax "
               f"{summary.mean_absmax:.4g}, mean AbsP99 {summary.mean_absp99:.4g}")
     con.print(f"{summary.quantized_tensors} FP8 (or to-be-FP8) weights: mean variance "
