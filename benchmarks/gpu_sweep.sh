@@ -12,7 +12,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   | tee -a "$OUT/env.txt"
 # fp8conv with kernels/ as fp8conv.kernels, offline: an editable install, else a symlink on PYTHONPATH
 if ! python3 -c "import fp8conv.kernels.fp8_gemm" 2>/dev/null; then
-  if ! pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+  if ! python3 -c "import fp8conv.kernels.fp8_gemm" 2>/dev/null; then
     ln -sfn ../kernels fp8conv/kernels
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
   fi
