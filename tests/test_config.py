@@ -139,3 +139,49 @@ def test_kv_set_of_layer():
     c1 = OneRecConfig(**{**TINY.__dict__, "num_hidden_layers": 5, "num_kv_sets": 3,
                          "first_k_dense_replace": 1})
     assert [c1.kv_set_of_layer(n) for n in range(5)] == [0, 0, 1, 1, 2]
+
+
+# docs/checkpoint-format.md must specify every tensor's name and shape exactly (issue 2 §2) -------
+
+_DOC = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "checkpoint-format.md"
+
+
+def _doc_rows():
+    """(name regex, shape formula, 4b shape, scheme) of the doc's tensor table."""
+    import re
+
+    rows = []
+    for line in _DOC.read_text().splitlines():
+        m = re.match(r"\| `([^`]+)`[^|]*\| (\[[^\]]*\]) \| (\[[^\]]*\]) \| ([a-z]+)", line)
+        if m:
+            name = re.escape(m.group(1))
+            for var in ("n", "e", "j", "i"):
+                name = name.replace(re.escape("{" + var + "}"), r"\d+")
+            rows.append((re.compile(name + "$"), m.group(2), m.group(3), m.group(4)))
+    return rows
+
+
+def _eval_shape(formula: str, c) -> tuple[int, ...]:
+    env = {"d": c.hidden_size, "D": c.head_dim, "H": c.num_attention_heads, "G": c.num_key_value_heads,
+           "E": c.n_routed_experts, "I": c.moe_intermediate_size, "F": c.intermediate_size,
+           "K": c.codebook_size, "V": c.num_semantic_levels, "d_c": c.context_hidden_size,
+           "P": c.num_context_pathways, "d_ctx": c.d_ctx, "context_vocab_size": c.context_vocab_size}
+    return tuple(int(eval(part, {"__builtins__": {}}, env))  # formulas from our own doc
+                 for part in formula.strip("[]").split(","))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_doc_tensor_table_matches_spec(name):
+    from fp8conv.recipe import load_recipe
+
+    c, rows = PRESETS[name], _doc_rows()
+    assert len(rows) >= 25
+    recipe = load_recipe("onerec_v2")
+    for tensor, shape in tensor_specs(c).items():
+        hits = [r for r in rows if r[0].match(tensor)]
+        assert len(hits) == 1, f"{tensor}: {len(hits)} rows of docs/checkpoint-format.md match"
+        _, formula, shape_4b, scheme = hits[0]
+        assert _eval_shape(formula, c) == shape, (tensor, formula)
+        if name == "4b":
+            assert _eval_shape(shape_4b, c) == shape, (tensor, shape_4b)
+        assert recipe.scheme_for(tensor, shape) == scheme, tensor
