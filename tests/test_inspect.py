@@ -224,3 +224,30 @@ def test_activations_through_runtime(ckpts, capsys):
     assert main(["inspect", str(src), "--activations", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["activations"]["summary"]["linears"] > 0
+
+
+def test_fp8conv_quantize_output_agrees_with_source_prediction(tmp_path, ckpts):
+    """inspect on a source checkpoint predicts what quantize does: on quantize's real output the FP8
+    figures (read from the stored codes) are the same, tensor by tensor."""
+    from fp8conv.quantize import quantize_checkpoint
+
+    src = ckpts[0]
+    dst = tmp_path / "q"
+    quantize_checkpoint(src, dst, progress=False)
+    before = {s.name: s for s in ins.iter_checkpoint_stats(src, ins.recipe_for(src))}
+    after = {s.name: s for s in ins.iter_checkpoint_stats(dst, ins.recipe_for(dst))}
+    assert set(before) == set(after)
+    n_fp8 = 0
+    for name, b in before.items():
+        a = after[name]
+        assert a.scheme == b.scheme, name
+        if b.scheme == "keep":
+            assert (a.variance, a.absmax, a.absp99) == (b.variance, b.absmax, b.absp99), name
+            continue
+        n_fp8 += 1
+        assert a.dtype == "float8_e4m3fn"
+        # synth weights have no exact zeros, so "nonzero weights that flush" == "zero codes"
+        assert a.zero_frac == pytest.approx(b.zero_frac, abs=1e-12), name
+        assert (a.subnormal_frac, a.worst_group_small) == (b.subnormal_frac, b.worst_group_small), name
+        assert a.absmax == pytest.approx(b.absmax, rel=1e-6), name  # amax -> 448 * amax / 448
+    assert n_fp8 == 90
