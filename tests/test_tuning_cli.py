@@ -1,0 +1,114 @@
+"""`fp8conv tune` on the CPU (exit 2, --show with every fallback level), the real bench's correctness
+gate under the Triton interpreter, and a real tuning run on a GPU (marked cuda)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from fp8conv.cli import main
+from fp8conv.kernels.config import KernelConfig
+from fp8conv.tuning import cache, lookup
+from fp8conv.tuning.shapes import Problem
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    monkeypatch.delenv(cache.ENV_VAR, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    lookup.clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_tune_without_cuda_exits_2(capsys):
+    assert main(["tune", "--preset", "tiny"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_tune_needs_a_source(capsys):
+    assert main(["tune"]) == 2
+    assert main(["tune", "somewhere", "--preset", "tiny"]) == 2
+
+
+def _entry(m, triton):
+    return cache.Entry(KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+                       m, triton, "2.11.0", "2026-11-24", 3.0, 4.0, "torch._scaled_mm (rowwise)", 3.5,
+                       {"passed": True, "metric": "mean|out-ref|/mean|ref|", "value": 0.0, "tolerance": 1e-3})
+
+
+def test_show_lists_the_cache_and_each_shapes_level(tmp_path, capsys):
+    import triton
+
+    d = tmp_path / "c"
+    here = triton.__version__
+    cache.write(d, cache.CacheFile(H100, "fp8_gemm", 128, 128, {32: _entry(32, here)}))  # q/o: exact at 32
+    cache.write(d, cache.CacheFile(H100, "fp8_gemm", 64, 128, {32: _entry(32, "0.0-other")}))  # k/v: other
+    bad = cache.cache_path(d, H100, "fp8_gemm", 640, 128)
+    bad.write_text("{oops")
+    assert main(["tune", "--show", "--preset", "tiny", "--cache", str(d), "--device", H100, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["search_dirs"][0] == str(d)
+    assert {(f["kernel"], f["N"], f["K"]) for f in rep["files"]} >= {("fp8_gemm", 128, 128), ("fp8_gemm", 64, 128)}
+    assert [b["path"] for b in rep["bad_files"]] == [str(bad)]
+    levels = {(c["kernel"], c["N"], c["K"], c["bucket"]): c["level"] for c in rep["checkpoint"]["devices"][H100]}
+    assert levels[("fp8_gemm", 128, 128, 32)] == "exact"
+    assert levels[("fp8_gemm", 128, 128, 16384)] == "nearest"
+    assert levels[("fp8_gemm", 64, 128, 32)] == "other-triton"
+    assert levels[("fp8_gemm", 640, 128, 32)] == "default"  # the corrupt file is not trusted
+    assert main(["tune", "--show", "--preset", "tiny", "--cache", str(d), "--device", H100]) == 0
+    err = capsys.readouterr().err
+    assert "SKIPPED" in err and "DEFAULT" in err and "other-triton" in err
+
+
+# -- the real bench under the interpreter (CPU) -----------------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter path")
+@pytest.mark.parametrize("p", [
+    Problem("fp8_gemm", 80, 96, 7, rows=7),  # unaligned N, K
+    Problem("fp8_grouped_gemm", 256, 128, 3, rows=16, experts=4, top_k=2, swiglu=True),
+    Problem("fp8_grouped_gemm", 128, 192, 3, rows=16, experts=4, top_k=2, swiglu=False),
+], ids=["gemm", "gate_up", "down"])
+def test_kernel_bench_checks_real_kernels_and_catches_unwritten_output(p):
+    from fp8conv.tuning import gpu, search
+
+    bench = gpu.KernelBench("cpu")
+    bn = 256 if p.swiglu else 64
+    good = KernelConfig(BLOCK_M=16 if p.kernel != "fp8_gemm" else 32, BLOCK_N=bn, BLOCK_K=128 if p.kernel != "fp8_gemm" else 64,
+                        GROUP_M=1, num_warps=4, num_stages=2)
+    res = search.search(p, [good], bench, lambda f: gpu.wall_timer(f, reps=1))
+    assert res.trials[0].status == "ok", res.trials[0].message
+
+    class Lazy(gpu.KernelBench):  # a "kernel" that writes nothing: the poisoned output must fail it
+        def _launch(self, cfg, j):
+            outs = self._outputs(cfg)
+            return outs if len(outs) > 1 else outs[0]
+
+    res = search.search(p, [good], Lazy("cpu"), lambda f: gpu.wall_timer(f, reps=1))
+    assert res.trials[0].status == "wrong"
+
+
+# -- a real tuning run ---------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+def test_real_tuning_run_on_the_gpu(tmp_path, capsys):
+    d = tmp_path / "cache"
+    rc = main(["tune", "--preset", "tiny", "--batch", "4", "--beam", "8", "--budget-minutes", "2",
+               "--candidates", "4", "--cache", str(d), "--json"])
+    rep = json.loads(capsys.readouterr().out)
+    assert rc == 0, rep
+    assert rep["summary"]["tuned"] >= 1 and rep["summary"]["failed"] == 0
+    for s in rep["shapes"]:
+        if s["status"] == "tuned":
+            assert s["entry"]["checked"]["passed"] and s["entry"]["time_us"] > 0
+            assert os.path.exists(s["path"])
+    good, bad = cache.scan(d)
+    assert good and not bad
+    # run again: everything is resumed from the cache
+    rc = main(["tune", "--preset", "tiny", "--batch", "4", "--beam", "8", "--candidates", "4", "--cache", str(d),
+               "--json"])
+    rep2 = json.loads(capsys.readouterr().out)
+    assert rc == 0 and rep2["summary"]["tuned"] == 0
+    assert rep2["summary"]["resumed"] == rep["summary"]["tuned"]

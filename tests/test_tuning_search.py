@@ -1,0 +1,167 @@
+"""The tuner's search loop with a fake bench and timer (CPU): picks the fastest correct candidate, never
+times a wrong or broken one, stops early and at its deadline, and resumes after an interruption."""
+
+import math
+
+import pytest
+
+from fp8conv.kernels.config import KernelConfig
+from fp8conv.tuning import cache, search
+from fp8conv.tuning.shapes import Problem
+
+DEV = "NVIDIA H100 80GB HBM3"
+
+
+def cfg(i: int) -> KernelConfig:
+    return KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=1 + i, num_warps=4, num_stages=3)
+
+
+class FakeBench:
+    """config -> (time in seconds, output error); None time = the launch raises."""
+
+    baseline_name = "fake baseline"
+
+    def __init__(self, table, baseline_s=2e-6, interrupt_on=None):
+        self.table, self.baseline_s, self.interrupt_on = table, baseline_s, interrupt_on
+        self.setups, self.timed, self.problem = [], [], None
+
+    def setup(self, p):
+        if self.interrupt_on is not None and p == self.interrupt_on:
+            raise KeyboardInterrupt
+        self.setups.append(p)
+        self.problem = p
+
+    def teardown(self):
+        pass
+
+    def run(self, c):
+        t, err = self.table[c]
+        if t is None:
+            raise RuntimeError("out of resources: shared memory")
+        return err
+
+    def error(self, out):
+        return out
+
+    def launcher(self, c):
+        def f():
+            self.timed.append(c)
+            return self.table[c][0]
+        f.seconds = self.table[c][0]
+        return f
+
+    def baseline(self):
+        def f():
+            return None
+        f.seconds = self.baseline_s
+        return f
+
+
+def fake_timer(fn):
+    fn()
+    return fn.seconds
+
+
+P = Problem("fp8_gemm", 1408, 1408, 32768, rows=32768)
+
+
+def test_picks_the_fastest_correct_candidate_and_rejects_wrong_ones():
+    table = {cfg(0): (10e-6, 1e-5),  # the default
+             cfg(1): (4e-6, 5e-2),  # fastest, but its output is wrong
+             cfg(2): (6e-6, math.nan),  # NaN never passes
+             cfg(3): (None, 0.0),  # does not compile / launch
+             cfg(4): (7e-6, 2e-5),
+             cfg(5): (8e-6, 1e-5)}
+    bench = FakeBench(table)
+    res = search.search(P, list(table), bench, fake_timer, patience=10)
+    assert res.best.config == cfg(4) and res.best.time_us == pytest.approx(7.0)
+    assert [t.status for t in res.trials] == ["ok", "wrong", "wrong", "error", "ok", "ok"]
+    assert cfg(1) not in bench.timed and cfg(2) not in bench.timed and cfg(3) not in bench.timed
+    assert res.default_us == pytest.approx(10.0) and res.baseline_us == pytest.approx(2.0)
+    e = res.entry("3.6.0", "2.11.0")
+    assert e.config == cfg(4) and e.speedup_vs_default == pytest.approx(10 / 7)
+    assert e.speedup_vs_baseline == pytest.approx(2 / 7)
+    assert e.checked["passed"] and e.checked["value"] == pytest.approx(2e-5)
+    assert e.extra["rejected"] == 3 and e.extra["candidates"] == 6
+
+
+def test_no_correct_candidate_gives_no_entry():
+    table = {cfg(0): (1e-6, 1.0), cfg(1): (None, 0.0)}
+    res = search.search(P, list(table), FakeBench(table), fake_timer)
+    assert res.best is None and res.entry("3.6.0", "2.11.0") is None
+
+
+def test_early_stopping_after_patience_non_improving_candidates():
+    table = {cfg(0): (5e-6, 0.0)} | {cfg(i): (6e-6, 0.0) for i in range(1, 10)}
+    res = search.search(P, list(table), FakeBench(table), fake_timer, patience=3)
+    assert res.stopped == "early" and len(res.trials) == 4
+
+
+def test_deadline_stops_after_the_default():
+    t = [0.0]
+
+    def clock():
+        t[0] += 1.0
+        return t[0]
+
+    table = {cfg(i): (5e-6, 0.0) for i in range(6)}
+    res = search.search(P, list(table), FakeBench(table), fake_timer, deadline=3.5, clock=clock)
+    assert res.stopped == "deadline" and 1 <= len(res.trials) < 6
+    assert res.trials[0].config == cfg(0)
+
+
+def test_run_targets_writes_each_shape_and_resumes_after_interruption(tmp_path):
+    p1 = Problem("fp8_gemm", 1408, 1408, 32768, rows=32768)
+    p2 = Problem("fp8_gemm", 7680, 1408, 32768, rows=32768)
+    p3 = Problem("fp8_gemm", 7680, 1408, 32, rows=32)
+    table = {cfg(0): (9e-6, 0.0), cfg(1): (6e-6, 0.0)}
+    cands = lambda p: list(table)
+    bench = FakeBench(table, interrupt_on=p2)
+    with pytest.raises(KeyboardInterrupt):
+        search.run_targets([p1, p2, p3], tmp_path, DEV, bench, fake_timer, cands, triton="3.6.0", torch="2.11.0")
+    f1 = cache.cache_path(tmp_path, DEV, "fp8_gemm", 1408, 1408)
+    assert cache.read(f1).entries[32768].config == cfg(1)  # written before the interruption
+    assert not cache.cache_path(tmp_path, DEV, "fp8_gemm", 7680, 1408).exists()
+
+    bench2 = FakeBench(table)
+    out = search.run_targets([p1, p2, p3], tmp_path, DEV, bench2, fake_timer, cands, triton="3.6.0",
+                             torch="2.11.0")
+    assert [o.status for o in out] == ["resumed", "tuned", "tuned"]
+    assert bench2.setups == [p2, p3]  # p1 was not measured again
+    f2 = cache.read(cache.cache_path(tmp_path, DEV, "fp8_gemm", 7680, 1408))
+    assert sorted(f2.entries) == [32, 32768]  # two buckets, one file
+
+    # another Triton version retunes; --force retunes
+    bench3 = FakeBench(table)
+    out = search.run_targets([p1], tmp_path, DEV, bench3, fake_timer, cands, triton="3.7.0", torch="2.11.0")
+    assert out[0].status == "tuned" and cache.read(f1).entries[32768].triton == "3.7.0"
+    out = search.run_targets([p1], tmp_path, DEV, FakeBench(table), fake_timer, cands, triton="3.7.0",
+                             torch="2.11.0", force=True)
+    assert out[0].status == "tuned"
+
+
+def test_budget_skips_what_does_not_fit(tmp_path):
+    t = [0.0]
+
+    def clock():
+        t[0] += 10.0
+        return t[0]
+
+    table = {cfg(0): (9e-6, 0.0)}
+    ps = [Problem("fp8_gemm", 128 * (i + 1), 1408, 32, rows=32) for i in range(4)]
+    out = search.run_targets(ps, tmp_path, DEV, FakeBench(table), fake_timer, lambda p: list(table),
+                             triton="3.6.0", torch="2.11.0", budget_s=25.0, clock=clock)
+    assert out[0].status == "tuned" and out[-1].status == "skipped"
+
+
+def test_record_replaces_a_corrupt_file_and_keeps_its_text(tmp_path):
+    path = cache.cache_path(tmp_path, DEV, "fp8_gemm", 1408, 1408)
+    path.parent.mkdir(parents=True)
+    path.write_text("not json")
+    table = {cfg(0): (9e-6, 0.0)}
+    res = search.search(P, list(table), FakeBench(table), fake_timer)
+    msgs = []
+    search.record(tmp_path, DEV, P, res.entry("3.6.0", "2.11.0"), warn=msgs.append)
+    assert cache.read(path).entries[32768].config == cfg(0)
+    assert path.with_name(path.name + ".bad").read_text() == "not json"
+    assert msgs and "corrupt" in msgs[0]

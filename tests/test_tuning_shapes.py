@@ -1,0 +1,123 @@
+"""Shape derivation (tiny and 4b presets, schemes from safetensors headers) and candidate generation."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from fp8conv.config import preset
+from fp8conv.kernels.config import default_config
+from fp8conv.tuning import candidates as cd
+from fp8conv.tuning import shapes
+from fp8conv.tuning.cache import bucket
+
+
+def test_tiny_preset_shapes_at_batch_32_beam_512():
+    cfg = preset("tiny")  # d 128, 4 layers (0 dense), heads 4x32, kv 2x32, SwiGLU 320, 6 experts x 192, top-2, K 200
+    probs = shapes.derive(cfg, shapes.Load(batch=32, beam=512))
+    # beam search keeps min(beam, candidates): 32 rows at step 0, then 32 x min(512, 200) = 6400 over a
+    # prefix of 2 tokens, then 32 x min(512, 200 x 200) = 16384 over 3 tokens
+    assert shapes.step_rows(cfg, shapes.Load(batch=32, beam=512)) == [32, 6400, 16384]
+    tokens = [32, 12800, 49152]
+    gemm = {(p.n, p.k) for p in probs if p.kernel == "fp8_gemm"}
+    assert gemm == {(128, 128),  # q / o of both attentions (4 x 32 = 128 = d)
+                    (64, 128),  # self-attn k / v (2 x 32)
+                    (640, 128), (128, 320),  # dense SwiGLU: gate+up together, down
+                    (384, 128), (128, 192)}  # shared expert: gate+up together, down
+    for n, k in gemm:
+        assert sorted(p.m for p in probs if (p.kernel, p.n, p.k) == ("fp8_gemm", n, k)) == tokens
+    grouped = [p for p in probs if p.kernel == "fp8_grouped_gemm"]
+    gate_up = sorted((p.rows, p.m) for p in grouped if p.swiglu)
+    down = sorted((p.rows, p.m) for p in grouped if not p.swiglu)
+    assert gate_up == down == [(t * 2, t * 2 // 6) for t in tokens]  # rows = tokens x top-2; M = rows / E
+    assert {(p.n, p.k) for p in grouped if p.swiglu} == {(2 * 256, 128)}  # I 192 padded to 256, gate+up
+    assert {(p.n, p.k) for p in grouped if not p.swiglu} == {(128, 192)}
+    topk = [p for p in probs if p.kernel == "topk"]
+    assert [(p.m, p.n, p.k) for p in topk] == [(32, 200, 200), (32, 40000, 512), (32, 102400, 10)]
+    assert not any(p.tunable for p in topk)
+    # heads and context projection stay in the source precision under the built-in recipe
+    assert not any(("lm_heads" in u or "context" in u) for p in probs for u in p.uses)
+    assert any(u == "model.layers.*.self_attn.k_proj @ step 1" for p in probs for u in p.uses)
+
+
+def test_tuning_targets_one_per_cache_entry():
+    cfg = preset("4b")
+    targets = shapes.tuning_targets(shapes.derive(cfg, shapes.Load()))
+    keys = [p.key for p in targets]
+    assert len(keys) == len(set(keys)) == 21  # 5 Linear shapes x 3 buckets + 2 expert GEMMs x 3 buckets
+    assert {bucket(p.m) for p in targets if p.kernel == "fp8_gemm"} == {32, 32768, 65536}
+    assert {(p.n, p.k) for p in targets if p.kernel == "fp8_grouped_gemm"} == {(2816, 1408), (1408, 1408)}
+    # the heaviest first, so a budget-cut run has done the work that matters most
+    work = [(p.rows or p.m) * p.n * p.k for p in targets]
+    assert work == sorted(work, reverse=True)
+
+
+def test_schemes_from_safetensors_headers(tmp_path):
+    from safetensors.torch import save_file
+
+    f8 = torch.zeros(128, 128).to(torch.float8_e4m3fn)
+    save_file({"model.layers.0.self_attn.q_proj.weight": f8,
+               "model.layers.0.self_attn.q_proj.weight_scale": torch.ones(128, 1),
+               "model.layers.1.mlp.experts.0.gate_proj.weight": torch.zeros(192, 128).to(torch.float8_e4m3fn),
+               "model.layers.1.mlp.experts.0.gate_proj.weight_scale": torch.ones(2, 1),
+               "lm_heads.0.proj.weight": torch.zeros(200, 128, dtype=torch.bfloat16)},
+              str(tmp_path / "model.safetensors"))
+    schemes = shapes.read_schemes(tmp_path)
+    assert schemes == {"model.layers.0.self_attn.q_proj.weight": "channel",
+                       "model.layers.1.mlp.experts.0.gate_proj.weight": "block",
+                       "lm_heads.0.proj.weight": "keep"}
+    probs = shapes.derive(preset("tiny"), shapes.Load(batch=2, beam=4), schemes)
+    tunable = [p for p in probs if p.tunable]
+    # only the one FP8 Linear; experts of which only some are FP8 run on the reference path
+    assert {(p.kernel, p.n, p.k) for p in tunable} == {("fp8_gemm", 128, 128)}
+    assert all(u.startswith("model.layers.*.self_attn.q_proj") for p in tunable for u in p.uses)
+    assert shapes.read_schemes(tmp_path / "nothing") is None
+
+
+def test_bad_load_is_a_user_error():
+    from fp8conv.errors import UserError
+
+    with pytest.raises(UserError, match="--beam"):
+        shapes.Load(beam=0)
+
+
+# -- candidates -------------------------------------------------------------------------------------------
+
+P_BIG = shapes.Problem("fp8_gemm", 1408, 1408, 32768, rows=32768)
+P_SMALL = shapes.Problem("fp8_gemm", 1408, 1408, 32, rows=32)
+P_GU = shapes.Problem("fp8_grouped_gemm", 2816, 1408, 1854, rows=98304, experts=53, top_k=3, swiglu=True)
+P_DN = shapes.Problem("fp8_grouped_gemm", 1408, 1408, 1854, rows=98304, experts=53, top_k=3, swiglu=False)
+
+
+@pytest.mark.parametrize("p", [P_BIG, P_SMALL, P_GU, P_DN], ids=["big", "small", "gate_up", "down"])
+def test_candidates_fit_the_gpu_and_the_kernel(p):
+    cs = cd.candidates(p, cd.H100, keep=16)
+    assert cs[0] == default_config(p.kernel, p.m, p.n, p.k)
+    assert 2 <= len(cs) <= 16 and len(set(cs)) == len(cs)
+    for c in cs[1:]:
+        assert cd.fits(p, c, cd.H100) is None
+        assert cd.shared_bytes(p, c) <= cd.H100.max_shared
+        if p.kernel == "fp8_grouped_gemm":
+            assert c.BLOCK_K == 128 and (c.BLOCK_N == 256 or not p.swiglu)
+    if p is P_SMALL:  # no 256-row tiles for 32 tokens
+        assert max(c.BLOCK_M for c in cs) <= 64
+
+
+def test_smaller_gpu_limits_filter_more():
+    small = dataclasses.replace(cd.H100, max_shared=48 * 1024, max_regs=32768)
+    cs = cd.candidates(P_BIG, small, keep=64)
+    assert all(cd.shared_bytes(P_BIG, c) <= 48 * 1024 for c in cs[1:])
+    assert len(cs) < len(cd.candidates(P_BIG, cd.H100, keep=64))
+    why = cd.fits(P_BIG, dataclasses.replace(cs[0], BLOCK_M=256, BLOCK_N=256, num_stages=4), small)
+    assert why is not None
+
+
+def test_cost_model_prefers_fewer_waves_and_larger_tiles():
+    lim = cd.H100
+    from fp8conv.kernels.config import KernelConfig
+
+    big = KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    tiny = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    assert cd.estimate_us(P_BIG, big, lim) < cd.estimate_us(P_BIG, tiny, lim)
+    two_stage = dataclasses.replace(big, num_stages=2)
+    assert cd.estimate_us(P_BIG, big, lim) < cd.estimate_us(P_BIG, two_stage, lim)
