@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from fp8conv import numerics as fp8
 from fp8conv.config import OneRecConfig, load_config, tensor_specs
@@ -229,7 +230,8 @@ class OneRecModel:
         ctx.check_config(cfg)
         ctx = ctx.to(self.device)
         u, s = ctx.tokens.shape
-        x = self.ctx_token_embed[ctx.tokens] + self.ctx_pathway_embed[ctx.pathways]  # (U, S, Dc)
+        # F.embedding rather than indexing: its CPU backward is deterministic (training reproduces)
+        x = F.embedding(ctx.tokens, self.ctx_token_embed) + F.embedding(ctx.pathways, self.ctx_pathway_embed)
         c = be.norm_linear(x, self.ctx_norm, cfg.rms_norm_eps, self.ctx_proj)  # (U, S, d_ctx)
         c = c.view(u, s, cfg.kv_split * cfg.num_kv_sets, cfg.num_key_value_heads, cfg.head_dim)
         chunks = []
@@ -277,7 +279,7 @@ class OneRecModel:
         n, t = tokens.shape
         hq, g, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         groups = _UserGroups(user_index, kv.lengths.shape[0])
-        h = self.embed[tokens]  # (N, T, d)
+        h = F.embedding(tokens, self.embed)  # (N, T, d)
         for i, blk in enumerate(self.layers):
             l = cfg.kv_set_of_layer(i)
             q = be.norm_linear(h, blk.cross_norm, eps, blk.cross_q).view(n, t, hq, dh)
