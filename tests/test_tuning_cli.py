@@ -112,3 +112,60 @@ def test_real_tuning_run_on_the_gpu(tmp_path, capsys):
     rep2 = json.loads(capsys.readouterr().out)
     assert rc == 0 and rep2["summary"]["tuned"] == 0
     assert rep2["summary"]["resumed"] == rep["summary"]["tuned"]
+
+
+# -- the whole tune flow on the CPU with a fake device ------------------------------------------------------
+
+class _FakeDevice:
+    """Every config correct; time a deterministic function of the config, the default the slowest."""
+
+    baseline_name = "fake baseline"
+
+    def setup(self, p):
+        from fp8conv.kernels.config import default_config
+
+        self.default = default_config(p.kernel, p.m, p.n, p.k)
+
+    def teardown(self):
+        pass
+
+    def run(self, c):
+        return 0.0
+
+    def error(self, out):
+        return out
+
+    def _t(self, c):
+        return 10e-6 if c == self.default else 1e-6 * (2 + (c.BLOCK_M + 3 * c.BLOCK_N + c.num_stages) % 7)
+
+    def launcher(self, c):
+        f = lambda: None  # noqa: E731
+        f.seconds = self._t(c)
+        return f
+
+    def baseline(self):
+        f = lambda: None  # noqa: E731
+        f.seconds = 5e-6
+        return f
+
+
+def test_tune_flow_writes_the_cache_and_reports(tmp_path, capsys):
+    from fp8conv.tuning import candidates, shapes, tuner
+
+    src = tuner.load_source(None, "tiny")
+    n = len(shapes.tuning_targets(shapes.derive(src.cfg, shapes.Load(batch=4, beam=8))))
+    assert n == 22  # 6 Linear shapes x 3 buckets; 2 expert GEMMs x 2 buckets (21 and 32 rows/expert: one)
+    rep = tuner.tune(src, shapes.Load(batch=4, beam=8), tmp_path, None, keep=4, quiet=True,
+                     bench=_FakeDevice(), timer=lambda f: f.seconds, device=H100, lim=candidates.H100)
+    assert rep["summary"]["tuned"] == len(rep["shapes"]) == n
+    assert rep["geomean_speedup_vs_default"] >= 10 / 8 and rep["geomean_speedup_vs_baseline"] > 0.5
+    assert rep["not_tuned"] and all(p["kernel"] == "topk" for p in rep["not_tuned"])
+    good, bad = cache.scan(tmp_path)
+    assert not bad and sum(len(cf.entries) for _, cf in good) == n
+    tuner.print_tune(rep)
+    err = capsys.readouterr().err
+    assert "x default" in err and f"{n} tuned" in err
+    # what the run-time look-up then finds for the same load: all exact
+    lookup.clear()
+    for p in shapes.tuning_targets(shapes.derive(src.cfg, shapes.Load(batch=4, beam=8))):
+        assert lookup.lookup(p.kernel, p.n, p.k, p.m, device=H100, dirs=[tmp_path]).level == "exact"

@@ -44,34 +44,42 @@ def cuda_timer(fn: Callable[[], object], reps: int = 15, graph_below_us: float =
     end.synchronize()
     est_us = start.elapsed_time(end) * 1e3 / 3
     period = int(getattr(fn, "period", 1))
-    times = []
     if est_us < graph_below_us:
-        inner = int(min(1024, max(period, math.ceil(target_us / max(est_us, 1.0)))))
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        try:
+            return _graph_median(fn, est_us, period, reps, target_us, start, end)
+        except RuntimeError:  # a launch that cannot be captured: time it eagerly (host overhead included)
+            torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times) / 1e3
+
+
+def _graph_median(fn, est_us, period, reps, target_us, start, end) -> float:
+    inner = int(min(1024, max(period, math.ceil(target_us / max(est_us, 1.0)))))
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
             fn()
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.cuda.graph(graph):
-            for _ in range(inner):
-                fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start.record()
         graph.replay()
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-        del graph
-    else:
-        for _ in range(reps):
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / inner)
+    del graph
     return statistics.median(times) / 1e3
 
 

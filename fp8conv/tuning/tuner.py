@@ -53,22 +53,27 @@ def geomean(xs) -> float | None:
 # -- tune ---------------------------------------------------------------------------------------------
 
 def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, *, force: bool = False,
-         keep: int = 16, patience: int = 6, quiet: bool = False) -> dict:
+         keep: int = 16, patience: int = 6, quiet: bool = False, bench=None, timer=None,
+         device: str | None = None, lim=None) -> dict:
+    """Tune every target of ``src`` at ``load`` into ``out_dir``; returns the report. ``bench``, ``timer``,
+    ``device`` and ``lim`` default to this CUDA GPU's (the tests inject fakes)."""
     import torch
 
     from fp8conv import ui
     from fp8conv.tuning import candidates, gpu, search
 
-    if not torch.cuda.is_available():
+    if bench is None and not torch.cuda.is_available():
         raise UserError("fp8conv tune needs a CUDA GPU (torch.cuda.is_available() is False); "
                         "`fp8conv tune --show` lists the cache without one")
     problems = shapes.derive(src.cfg, load, src.schemes)
     targets = shapes.tuning_targets(problems)
     if not targets:
         raise UserError(f"{src.label}: no FP8 GEMM to tune (no channel Linear, no block experts)")
-    device = torch.cuda.get_device_name()
+    device = device or torch.cuda.get_device_name()
+    bench = bench or gpu.KernelBench("cuda")
+    timer = timer or gpu.cuda_timer
     triton_v, torch_v = versions()
-    lim = candidates.device_limits()
+    lim = lim or candidates.device_limits()
     t0 = time.monotonic()
     if not quiet:
         ui.log(f"tune {src.label} on {device} (Triton {triton_v}, torch {torch_v}): {len(targets)} shapes, "
@@ -93,7 +98,7 @@ def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, 
             prog.advance(1, info=info)
 
         outcomes = search.run_targets(
-            targets, out_dir, device, gpu.KernelBench("cuda"), gpu.cuda_timer,
+            targets, out_dir, device, bench, timer,
             lambda p: candidates.candidates(p, lim, keep=keep), triton=triton_v, torch=torch_v,
             budget_s=budget_s, force=force, patience=patience, on_start=on_start, on_trial=on_trial,
             on_done=on_done, warn=ui.log)
