@@ -112,20 +112,25 @@ def _exponent_bits(q: torch.Tensor) -> torch.Tensor:
 
 def worst_group_small(exp: torch.Tensor, scheme: str) -> float:
     """Largest fraction of one quantization group (row or 128x128 block) stored as FP8 zero or
-    subnormal; the padding of edge blocks is not counted."""
+    subnormal; the padding of edge blocks is not counted. A nonzero group always has one normal code
+    (its amax becomes 448), so a group without any is all zeros: nothing lost, it counts 0."""
     n, k = exp.shape
     if scheme == "channel":
-        return 1.0 - torch.count_nonzero(exp, dim=1).min().item() / k
-    b = fp8.BLOCK
-    nb, kb = -(-n // b), -(-k // b)
-    padded = torch.ones(nb * b, kb * b, dtype=torch.uint8)  # padding counts as normal ...
-    padded[:n, :k] = exp
-    small = b * b - torch.count_nonzero(padded.view(nb, b, kb, b), dim=(1, 3))
-    rows = torch.full((nb,), b)
-    rows[-1] = n - (nb - 1) * b
-    cols = torch.full((kb,), b)
-    cols[-1] = k - (kb - 1) * b
-    return (small / (rows[:, None] * cols[None, :])).max().item()  # ... and is divided out here
+        normal = torch.count_nonzero(exp, dim=1)
+        real = torch.full_like(normal, k)
+    else:
+        b = fp8.BLOCK
+        nb, kb = -(-n // b), -(-k // b)
+        padded = torch.zeros(nb * b, kb * b, dtype=torch.uint8)  # padding is not normal ...
+        padded[:n, :k] = exp
+        normal = torch.count_nonzero(padded.view(nb, b, kb, b), dim=(1, 3))
+        rows = torch.full((nb,), b)
+        rows[-1] = n - (nb - 1) * b
+        cols = torch.full((kb,), b)
+        cols[-1] = k - (kb - 1) * b
+        real = rows[:, None] * cols[None, :]  # ... and is not counted in a block's size either
+    frac = torch.where(normal > 0, (real - normal) / real, torch.zeros(normal.shape))
+    return frac.max().item()
 
 
 def _fp8_effects(x: torch.Tensor, q: torch.Tensor, scheme: str, source: bool) -> dict:

@@ -165,11 +165,15 @@ def test_cli_json_flags_planted_tensor(tmp_path, capsys, ckpts):
     w = bad["model.layers.1.self_attn.v_proj.weight"].float()
     w[:, 0] = 5e4
     bad["model.layers.1.self_attn.v_proj.weight"] = w.bfloat16()
+    bad["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(TINY.kv_size, TINY.hidden_size,
+                                                                dtype=torch.bfloat16)  # SQNR inf
     (tmp_path / "ck").mkdir()
     save_file(bad, str(tmp_path / "ck" / "model.safetensors"))
     (tmp_path / "ck" / "config.json").write_text((src / "config.json").read_text())
     assert main(["inspect", str(tmp_path / "ck"), "--json"]) == 0
-    rep = json.loads(capsys.readouterr().out)
+    rep = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    zero = [t for t in rep["tensors"] if t["name"] == "model.layers.2.self_attn.k_proj.weight"][0]
+    assert zero["sqnr_db"] == "inf" and zero["zero_frac"] == 0.0
     assert rep["summary"]["risky"] == 1
     flagged = [t for t in rep["tensors"] if t["risks"]]
     assert [t["name"] for t in flagged] == ["model.layers.1.self_attn.v_proj.weight"]
@@ -251,3 +255,15 @@ def test_fp8conv_quantize_output_agrees_with_source_prediction(tmp_path, ckpts):
         assert (a.subnormal_frac, a.worst_group_small) == (b.subnormal_frac, b.worst_group_small), name
         assert a.absmax == pytest.approx(b.absmax, rel=1e-6), name  # amax -> 448 * amax / 448
     assert n_fp8 == 90
+
+
+def test_worst_group_small_counts_edge_blocks_by_their_real_size():
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(130, 200, generator=g) * 0.02  # blocks: rows 128 + 2, cols 128 + 72
+    edge = w[128:, 128:]  # the 2 x 72 corner block
+    edge[:] = 1e-6  # far below its amax: subnormal or zero ...
+    edge[0, :] = 0.05  # ... except its first row, half of it (these set the amax)
+    s = ins.source_stats("model.layers.1.mlp.experts.0.up_proj.weight", w)
+    assert s.worst_group_small == pytest.approx(72 / 144)  # padding would make it 72 / 16384
+    w[128:, 128:] = 0.0  # an all-zero block loses nothing
+    assert ins.source_stats("model.layers.1.mlp.experts.0.up_proj.weight", w).worst_group_small < 0.05

@@ -57,7 +57,19 @@ def _report(ckpt, stats, summary, acts, rec) -> dict:
         from fp8conv.inspect_activations import mean_over
 
         out["activations"] = {"summary": mean_over(acts), "linears": [a.to_json() for a in acts]}
-    return out
+    return _finite_json(out)
+
+
+def _finite_json(obj):
+    """NaN / inf (an all-zero weight has SQNR inf) as strings: strict JSON parsers reject the bare
+    NaN / Infinity tokens Python's json writes."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v) for v in obj]
+    return obj
 
 
 def _fmt(x, spec=".3g", pct=False) -> str:
