@@ -80,6 +80,11 @@ SABOTAGES = {
 @pytest.mark.parametrize("manifest", [True, False], ids=["manifest", "no-manifest"])
 @pytest.mark.parametrize("case", list(SABOTAGES))
 def test_sabotage_exits_1_and_names_it(ref, cand, capsys, case, manifest):
+    """Without the manifest, the same sabotages are caught by the dequantized-weight check and the
+    DESIGN keep-list (test_verify_weights.py tests that naming in both modes without running models;
+    here the no-manifest runs only cover two of them end to end, to keep the suite fast)."""
+    if not manifest and case in ("experts swapped", "block scale transposed"):
+        pytest.skip("covered without running the models in test_verify_weights.py")
     edit, recipe, names = SABOTAGES[case]
     c = cand(manifest, recipe)
     if edit is not None:

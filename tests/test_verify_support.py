@@ -1,5 +1,5 @@
-"""Builders for the verify tests (no tests here): tiny REF checkpoints and FP8 candidates made with
-fp8conv.numerics directly, plus the sabotages the gate must catch."""
+"""Builders for the verify tests (no tests here): tiny REF checkpoints, FP8 candidates written by
+``fp8conv quantize`` (with any recipe), and in-place tensor edits for the sabotages the gate must catch."""
 
 from __future__ import annotations
 
@@ -52,37 +52,15 @@ def recipe_text(name: str = "default") -> str:
 
 
 def write_fp8(ref: Path, out: Path, recipe: str = "default", manifest: bool = True) -> Path:
-    """An FP8 candidate of ``ref`` (a single-file checkpoint), made with the contract's numerics and
-    the recipe named (see recipe_text), with an fp8conv manifest unless ``manifest`` is False."""
-    import hashlib
-
+    """An FP8 candidate of ``ref`` written by ``fp8conv quantize`` with the recipe named (see
+    recipe_text); without its manifest (as another tool would write it) unless ``manifest``."""
+    from fp8conv.quantize import quantize_checkpoint
     from fp8conv.recipe import Recipe
 
-    text = recipe_text(recipe)
-    rec = Recipe.from_toml(text, source=recipe)
-    tensors = load_file(str(ref / "model.safetensors"))
-    res, targets = {}, {"channel": [], "block": []}
-    for name, w in tensors.items():
-        s = rec.scheme_for(name, tuple(w.shape))
-        if s == "keep":
-            res[name] = w
-            continue
-        q, sc = fp8.quantize_channel(w) if s == "channel" else fp8.quantize_block(w)
-        res[name], res[name + "_scale"] = q, sc
-        targets[s].append(name[: -len(".weight")])
-    out.mkdir(parents=True)
-    save_file(res, str(out / "model.safetensors"), metadata={"format": "pt"})
-    cfg = json.loads((ref / "config.json").read_text())
-    cfg["quantization_config"] = quantization_config(targets)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    for extra in ("contexts.safetensors", "catalogue.safetensors"):
-        if (ref / extra).is_file():
-            shutil.copy(ref / extra, out / extra)
-    if manifest:
-        digest = hashlib.sha256((ref / "model.safetensors").read_bytes()).hexdigest()
-        m = {"tool": "fp8conv", "version": "test", "recipe": {"name": rec.name, "toml": text},
-             "source": {"files": {"model.safetensors": digest}}, "tensors": {}}
-        (out / "fp8conv.json").write_text(json.dumps(m, indent=2))
+    rec = Recipe.from_toml(recipe_text(recipe), source=recipe)
+    quantize_checkpoint(ref, out, recipe=rec, progress=False)
+    if not manifest:
+        (out / "fp8conv.json").unlink()
     return out
 
 
