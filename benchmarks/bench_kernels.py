@@ -32,7 +32,7 @@ from fp8conv import numerics as fp8
 from fp8conv.kernels import act_quant, grouped_gemm as gg
 from fp8conv.kernels.config import KernelConfig, default_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
-from fp8conv.kernels.testing import check, ref_gemm_nt
+from fp8conv.kernels.testing import TOL, TOL_CHAINED, check, ref_gemm_nt
 from fp8conv.runtime.ops import rms_norm
 
 D, INTER, E, TOPK = 1408, 3840, 53, 3  # 4b preset (DESIGN)
@@ -84,9 +84,9 @@ def record(case, variant, m, n, k, us, flops, nbytes, base_us=None, base_name=""
     return us
 
 
-def checked(out, ref, what):
+def checked(out, ref, what, tol=TOL):
     try:
-        return check(out, ref, what=what)
+        return check(out, ref, tol=tol, what=what)
     except AssertionError as exc:
         print(f"  CHECK FAILED: {exc}")
         return float("nan")
@@ -150,6 +150,10 @@ def bench_dense(ms, sweep):
                    {"x_vs_torch_fp8": None if tq is None else round(tq / lin, 3)})
             qt = time_us(lambda x, *_: act_quant.per_token_quant(x), sets)
             record(name, "  per_token_quant only", m, n, k, qt, 0, 3 * m * k + 4 * m)
+            qn = time_us(lambda x, *_: act_quant.rmsnorm_quant(x, nw, 1e-6), sets)
+            record(name, "  rmsnorm_quant only", m, n, k, qn, 0, 3 * m * k + 4 * m)
+            tqo = time_us(lambda x, *_: torch_per_token_quant(x), sets)
+            record(name, "  torch per-token quant", m, n, k, tqo, 0, 3 * m * k + 4 * m)
             # fused producer: RMSNorm + quant + GEMM vs torch rms_norm + cuBLAS
             ref_n = ref_gemm_nt(*fp8.quantize_per_token(rms_norm(x, nw, 1e-6)), wq, ws, torch.bfloat16)
             err = checked(fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), ref_n, "norm linear")
@@ -158,7 +162,7 @@ def bench_dense(ms, sweep):
             record(name, "rms_norm+cublas bf16", m, n, k, bfn, flops, bf_bytes)
             fn = time_us(lambda x, wb, wq, ws, *_: fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), sets)
             record(name, "fp8 rmsnorm_quant+gemm", m, n, k, fn, flops, lin_bytes, bfn, "norm+bf16", err)
-            if sweep and m >= 4096:
+            if sweep and m == max(ms):
                 sweep_gemm(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
 
 
@@ -174,26 +178,29 @@ def gemm_candidates(m):
 
 
 def sweep_gemm(name, m, n, k, sets, ref, smm, flops, nbytes):
+    """Time candidate configs (and kernel variants). A candidate whose check fails is still timed
+    (to show what the promotion costs) but never chosen as best."""
     best = None
     x, wb, wq, ws, xq, xs = sets[0]
+    variants = [("tma", None), ("tma", not (k >= 2048)), ("ptr", None), ("tma_ws", None)]
     for cfg in gemm_candidates(m):
-        for variant in ("tma", "ptr"):
+        for variant, promote in variants:
+            tag = (f"sweep {variant}{'' if promote is None else ' promote=' + str(promote)} "
+                   f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps}s{cfg.num_stages}")
             try:
-                err = checked(fp8_gemm_nt(xq, xs, wq, ws, config=cfg, variant=variant), ref, "sweep")
-                if err != err:
-                    continue
-                us = time_us(lambda x, wb, wq, ws, xq, xs: fp8_gemm_nt(xq, xs, wq, ws, config=cfg, variant=variant),
-                             sets)
-            except Exception as exc:  # out of shared memory etc.
-                print(f"  skip {cfg.to_dict()} {variant}: {type(exc).__name__}")
+                run = lambda x, wb, wq, ws, xq, xs: fp8_gemm_nt(  # noqa: E731
+                    xq, xs, wq, ws, config=cfg, variant=variant, promote=promote)
+                err = checked(run(*sets[0]), ref, tag)
+                us = time_us(run, sets)
+            except Exception as exc:  # out of shared memory, unsupported feature, ...
+                print(f"  skip {tag}: {type(exc).__name__}: {str(exc)[:120]}")
                 continue
-            tag = f"sweep {variant} {cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps}s{cfg.num_stages}"
             record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
-                   {"config": cfg.to_dict(), "sweep": True})
-            if best is None or us < best[0]:
-                best = (us, variant, cfg)
+                   {"config": cfg.to_dict(), "sweep": True, "kernel_variant": variant, "promote": promote})
+            if err == err and (best is None or us < best[0]):
+                best = (us, tag)
     if best:
-        print(f"  best {name} M={m}: {best[1]} {best[2].to_dict()} {best[0]:.1f} us")
+        print(f"  best {name} M={m}: {best[1]} {best[0]:.1f} us ({smm / best[0]:.2f}x _scaled_mm)")
 
 
 # -- MoE -----------------------------------------------------------------------------------------------
@@ -279,7 +286,7 @@ def bench_moe(ms, sweep):
         if m <= 4096:
             from fp8conv.runtime.ops import Experts, ReferenceBackend
             ex = Experts(gq, uq, dq, gs, us_, ds, "bench")
-            err = checked(full(x), ReferenceBackend().experts(x, ids, tw, ex), "fused_experts")
+            err = checked(full(x), ReferenceBackend().experts(x, ids, tw, ex), "fused_experts", TOL_CHAINED)
         else:
             err = None
         tf = time_us(full, [(x,)])
@@ -300,13 +307,13 @@ def bench_moe(ms, sweep):
         if tb:
             record("experts", "bf16 layer (torch)", m, 0, 0, tb, f13 + f2, 0)
         record("experts", "fp8 layer (fused_experts)", m, 0, 0, tf, f13 + f2, 0, tb, "bf16 layer", err)
-        if sweep and m >= 4096:
+        if sweep and m == max(ms):
             sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2)
 
 
 def sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2):
     rows = m * TOPK
-    for bm, w, s in [(64, 4, 3), (64, 8, 3), (128, 8, 3), (128, 8, 4), (64, 4, 4)]:
+    for bm, w, s in [(64, 8, 3), (64, 8, 4), (128, 8, 3), (64, 4, 3)]:
         sid, bexp = gg.moe_align(ids, E, 128)
         c1 = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
         try:

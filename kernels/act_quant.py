@@ -1,6 +1,7 @@
 """Dynamic FP8 activation quantization, alone or fused with its producer (RMSNorm, SwiGLU).
 
-One kernel, one row per program. The row is viewed as a (NG, 128) tile (NG = groups of 128 columns,
+One kernel, a few rows per program (KernelConfig.BLOCK_M of the "act_quant" config; enough rows
+that a program moves ~16 KiB, so the memory system has work in flight). Each row is viewed as a (NG, 128) tile (NG = groups of 128 columns,
 padded to a power of two), so per-token (one scale per row) and 1x128-group (one scale per group)
 quantization share the code; the producer is applied in registers first, so the activation crosses
 memory once: read in its dtype, written as FP8 plus float32 scales.
@@ -17,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.config import KernelConfig
+from fp8conv.kernels.config import KernelConfig, default_config
 
 FP8_MAX = 448.0
 GROUP = 128
@@ -45,37 +46,39 @@ def _act_quant_kernel(
     # inputs: x (or gate for SwiGLU) and up, row-major with a row stride; RMSNorm weight
     x_ptr, u_ptr, w_ptr, stride_x, stride_u, eps,
     # outputs: q (M, K) fp8 contiguous; scale (M, NS) float32 contiguous (NS = 1 or groups)
-    q_ptr, s_ptr, K, NS,
-    PRODUCER: tl.constexpr, PER_GROUP: tl.constexpr, NG: tl.constexpr, GS: tl.constexpr,
+    q_ptr, s_ptr, M, K, NS,
+    PRODUCER: tl.constexpr, PER_GROUP: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr,
+    GS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS) column index
-    mask = offs < K
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    # ROWS rows per program, each viewed as (NG, GS) groups: a (ROWS, NG, GS) tile
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS)
+    rmask = rows < M
+    mask = rmask[:, None, None] & (cols < K)[None, :, :]
+    x = tl.load(x_ptr + rows[:, None, None] * stride_x + cols[None, :, :], mask=mask, other=0.0)
     xf = x.to(tl.float32)
     if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w
-        ms = tl.sum(tl.sum(xf * xf, axis=1), axis=0) / K
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        xf = round_to(xf * (1.0 / tl.sqrt_rn(ms + eps)) * w, x.dtype)
+        ms = tl.sum(tl.sum(xf * xf, axis=2), axis=1) / K  # (ROWS,)
+        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        xf = round_to(xf * (1.0 / tl.sqrt_rn(ms + eps))[:, None, None] * w[None, :, :], x.dtype)
     elif PRODUCER == 2:  # SwiGLU: y = silu(gate) * up
-        u = tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + rows[:, None, None] * stride_u + cols[None, :, :], mask=mask, other=0.0)
+        u = u.to(tl.float32)
         xf = round_to(xf * tl.sigmoid(xf) * u, x.dtype)
     ax = tl.abs(xf)
     if PER_GROUP:
-        amax = tl.max(ax, axis=1)  # (NG,)
-        scale = tl.div_rn(amax, 448.0)
-        scale = tl.where(amax == 0.0, 1.0, scale)
-        q = tl.div_rn(xf, scale[:, None])
+        amax = tl.max(ax, axis=2)  # (ROWS, NG)
+        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+        q = tl.div_rn(xf, scale[:, :, None])
         gi = tl.arange(0, NG)
-        tl.store(s_ptr + row * NS + gi, scale, mask=gi < NS)
+        tl.store(s_ptr + rows[:, None] * NS + gi[None, :], scale, mask=rmask[:, None] & (gi < NS)[None, :])
     else:
-        amax = tl.max(tl.max(ax, axis=1), axis=0)
-        scale = tl.div_rn(amax, 448.0)
-        scale = tl.where(amax == 0.0, 1.0, scale)
-        q = tl.div_rn(xf, scale)
-        tl.store(s_ptr + row, scale)
+        amax = tl.max(tl.max(ax, axis=2), axis=1)  # (ROWS,)
+        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+        q = tl.div_rn(xf, scale[:, None, None])
+        tl.store(s_ptr + rows, scale, mask=rmask)
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    tl.store(q_ptr + row * K + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(q_ptr + rows[:, None, None] * K + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_rows(x: torch.Tensor, name: str) -> None:
@@ -102,12 +105,13 @@ def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig |
     if m == 0:
         return q, s
     ng = triton.next_power_of_2(ng_real)
-    num_warps = config.num_warps if config is not None else (4 if ng * GROUP <= 2048 else 8)
-    _act_quant_kernel[(m,)](
+    cfg = config or default_config("act_quant", m, 0, k)
+    rows = cfg.BLOCK_M  # rows per program
+    _act_quant_kernel[(triton.cdiv(m, rows),)](
         x, u if u is not None else x, w if w is not None else x,
         x.stride(0), u.stride(0) if u is not None else 0, float(eps),
-        q, s, k, ns,
-        PRODUCER=producer, PER_GROUP=per_group, NG=ng, GS=GROUP, num_warps=num_warps,
+        q, s, m, k, ns,
+        PRODUCER=producer, PER_GROUP=per_group, ROWS=rows, NG=ng, GS=GROUP, num_warps=cfg.num_warps,
     )
     return q, s
 

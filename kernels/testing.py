@@ -15,7 +15,12 @@ import torch
 from fp8conv import metrics
 from fp8conv import numerics as fp8
 
-TOL = 1e-3  # mean|out - ref| / mean|ref| (issue 4)
+TOL = 1e-3  # mean|out - ref| / mean|ref| (issue 4), one kernel on its own inputs
+# Two chained dynamic quantizations (x -> GEMM -> SwiGLU -> quantize -> GEMM) compared end to end: the
+# FP8 tensor cores' accumulation differs from float32 by ~1e-4 relative, which moves some group
+# amaxes and so re-grids whole groups; measured on an H100 the fast and the reference FP8 paths then
+# differ by ~1e-2 (far below FP8's own error against bf16, ~3e-2). Gate for those comparisons:
+TOL_CHAINED = 2e-2
 
 
 def interpreted() -> bool:
@@ -59,15 +64,24 @@ def repair_interpreter_fp8(q: torch.Tensor, ref_q: torch.Tensor) -> tuple[torch.
     return fixed, int(bad.sum())
 
 
-def check_quant(q, s, x_ref: torch.Tensor, per_group: bool, what: str = "") -> float:
+def check_quant(q, s, x_ref: torch.Tensor, per_group: bool, what: str = "", own_scale: bool = False) -> float:
     """Check a quantization kernel's (q, s) against numerics' quantization of ``x_ref`` (the producer's
-    output, already rounded to the activation dtype)."""
+    output, already rounded to the activation dtype).
+
+    own_scale=True quantizes x_ref with the kernel's scales (which must still match amax/448 within
+    the tolerance). Use it where x_ref comes from a GEMM computed differently from the kernel's: one
+    changed amax element moves a whole row's or group's grid, so two correct implementations then
+    differ by FP8 noise (~1e-2) everywhere in that row; with the kernel's own grid they agree."""
     rq, rs = fp8.quantize_per_group(x_ref) if per_group else fp8.quantize_per_token(x_ref)
     if s.shape != rs.shape:
         raise AssertionError(f"{what}: scale shape {tuple(s.shape)} != {tuple(rs.shape)}")
     if not torch.isfinite(s).all():
         raise AssertionError(f"{what}: non-finite scales")
     check(s, rs, TOL, what + " scales")
+    if own_scale:
+        rs = s.float()
+        full = rs.repeat_interleave(fp8.BLOCK, 1)[:, :x_ref.shape[1]] if per_group else rs
+        rq = (x_ref.float() / full).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(torch.float8_e4m3fn)
     q, _ = repair_interpreter_fp8(q, rq)
     return check(fp8.dequantize(q, s), fp8.dequantize(rq, rs), TOL, what)
 

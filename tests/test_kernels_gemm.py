@@ -35,13 +35,21 @@ def test_gemm_matches_reference(m, nk, variant):
     check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.bfloat16).cpu(), what=f"fp8_gemm {m}x{n}x{k} {variant}")
 
 
-@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float32])
-def test_gemm_tma_other_dtypes(out_dtype):
+@pytest.mark.parametrize("out_dtype,promote", [(torch.float16, False), (torch.float32, True)])
+def test_gemm_tma_other_dtypes(out_dtype, promote):
     a, sa, b, sb = _operands(83, 64, 96, seed=5)
     assert tma_ok(83, 64, 96, out_dtype)
     out = poison(torch.empty(83, 64, dtype=out_dtype, device=a.device))
-    fp8_gemm_nt(a, sa, b, sb, out_dtype, config=SMALL if not a.is_cuda else None, variant="tma", out=out)
-    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, out_dtype).cpu(), what=f"tma {out_dtype}")
+    fp8_gemm_nt(a, sa, b, sb, out_dtype, config=SMALL if not a.is_cuda else None, variant="tma", out=out,
+                 promote=promote)
+    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, out_dtype).cpu(), what=f"tma {out_dtype} promote={promote}")
+
+
+def test_gemm_ptr_promote():
+    a, sa, b, sb = _operands(7, 33, 96, seed=6)
+    out = poison(torch.empty(7, 33, dtype=torch.bfloat16, device=a.device))
+    fp8_gemm_nt(a, sa, b, sb, config=SMALL if not a.is_cuda else None, variant="ptr", out=out, promote=True)
+    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.bfloat16).cpu(), what="ptr promote")
 
 
 def test_unwritten_output_fails():

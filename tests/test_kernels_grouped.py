@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fp8conv import numerics as fp8
 from fp8conv.kernels import grouped_gemm as gg
 from fp8conv.kernels.config import KernelConfig
-from fp8conv.kernels.testing import check, check_quant, poison
+from fp8conv.kernels.testing import TOL_CHAINED, check, check_quant, poison
 from fp8conv.runtime.ops import Experts, ReferenceBackend
 
 CFG_GU = KernelConfig(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
@@ -149,4 +149,45 @@ def test_fused_experts_vs_reference_backend_cuda(t, k):
     x = torch.randn(t, d, device="cuda").to(torch.bfloat16)
     p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
     out = gg.fused_experts(x, ids, w, p)
-    check(out, ReferenceBackend().experts(x, ids, w, ex), what=f"experts T={t}")
+    check(out, ReferenceBackend().experts(x, ids, w, ex), tol=TOL_CHAINED, what=f"experts T={t}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("t", [7, 2048])
+def test_stages_real_shapes_cuda(t):
+    """Each grouped stage at the 4b preset's shapes against its own inputs (1e-3 gate)."""
+    e, i, d, k = 53, 1408, 1408, 3
+    ex = _experts(e, i, d, seed=100 + t)
+    ids, w = _routing(t, e, k, seed=t)
+    x = torch.randn(t, d, device="cuda").to(torch.bfloat16)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    align = 128
+    xq, xs = fp8.quantize_per_group(x)
+    sid, bexp = gg.moe_align(ids, e, align)
+    n_rows = sid.numel()
+    hq = poison(torch.empty(n_rows, i, dtype=torch.float8_e4m3fn, device="cuda"))
+    hs = poison(torch.empty(n_rows, i // 128, dtype=torch.float32, device="cuda"))
+    gg.grouped_gemm_block_fp8(xq, xs, p.w13, p.s13, sid, bexp, topk=k, swiglu=True, align_m=align, out=(hq, hs))
+    y = poison(torch.empty(t * k, d, dtype=torch.bfloat16, device="cuda"))
+    gg.grouped_gemm_block_fp8(hq, hs, p.w2, p.s2, sid, bexp, topk=k, swiglu=False, align_m=align,
+                              num_valid=t * k, out=y)
+    xd, hd = fp8.dequantize(xq, xs), fp8.dequantize(hq, hs)
+    flat = ids.reshape(-1)
+    valid = sid < t * k
+    row_exp = bexp.repeat_interleave(align)
+    h_ref = torch.zeros(n_rows, i, dtype=torch.bfloat16, device="cuda")
+    y_ref = torch.empty(t * k, d, device="cuda")
+    for ei in range(e):
+        r = (valid & (row_exp == ei)).nonzero().flatten()
+        if r.numel() == 0:
+            continue
+        tok = sid[r].long()
+        assert (flat[tok] == ei).all()
+        xe = xd[tok // k]
+        gt = (xe @ fp8.dequantize(ex.gate[ei], ex.gate_scale[ei]).t()).to(torch.bfloat16).float()
+        ut = (xe @ fp8.dequantize(ex.up[ei], ex.up_scale[ei]).t()).to(torch.bfloat16).float()
+        h_ref[r] = (F.silu(gt) * ut).to(torch.bfloat16)
+        y_ref[tok] = hd[r] @ fp8.dequantize(ex.down[ei], ex.down_scale[ei]).t()
+    used = row_exp >= 0
+    check_quant(hq[used], hs[used], h_ref[used], True, "gate_up+swiglu+quant", own_scale=True)
+    check(y, y_ref.to(torch.bfloat16), what="down")
