@@ -25,7 +25,7 @@ from fp8conv.numerics import BLOCK, FP8_DTYPE
 from fp8conv.quantize_math import combine, quantize_block_chunk, quantize_channel_chunk, row_chunks
 from fp8conv.quantize_plan import SCALE_SUFFIX, FilePlan, TensorPlan, scale_shape
 
-QUEUE_BYTES = 256 * 1024 * 1024  # per queue; a tensor larger than this still passes, alone
+QUEUE_BYTES = 64 * 1024 * 1024  # per queue; a larger tensor still passes, alone. Enough to overlap stages
 _END = object()
 
 
