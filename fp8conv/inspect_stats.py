@@ -230,6 +230,7 @@ def iter_checkpoint_stats(ckpt: str | Path, recipe=None) -> Iterator[TensorStats
     def get(name: str) -> torch.Tensor:
         path = files[name]
         if path not in handles:
+            handles.clear()  # one shard mapped at a time: touched pages of a closed map leave RSS
             try:
                 handles[path] = safe_open(str(path), framework="pt")
             except Exception as e:  # safetensors raises its own error types
