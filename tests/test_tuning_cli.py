@@ -169,3 +169,15 @@ def test_tune_flow_writes_the_cache_and_reports(tmp_path, capsys):
     lookup.clear()
     for p in shapes.tuning_targets(shapes.derive(src.cfg, shapes.Load(batch=4, beam=8))):
         assert lookup.lookup(p.kernel, p.n, p.k, p.m, device=H100, dirs=[tmp_path]).level == "exact"
+
+
+def test_tune_refuses_a_checkpoint_without_fp8_weights(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from fp8conv.config import preset
+
+    (tmp_path / "config.json").write_text(json.dumps(preset("tiny").to_dict()))
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(128, 128, dtype=torch.bfloat16)},
+              str(tmp_path / "model.safetensors"))
+    assert main(["tune", str(tmp_path)]) == 2
+    assert "no FP8 weights" in capsys.readouterr().err
