@@ -23,6 +23,7 @@ multiplies by. One tensor is in memory at a time.
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -218,27 +219,65 @@ def _recipe_scheme(recipe, name: str, shape: tuple[int, ...]) -> tuple[str, tupl
 def iter_checkpoint_stats(ckpt: str | Path, recipe=None) -> Iterator[TensorStats]:
     """One TensorStats per tensor of the checkpoint, in file order (``X.weight_scale`` folds into its
     FP8 ``X.weight``). Works on any safetensors folder (OneRec-V2, Qwen3, ...); reads one tensor at a
-    time through safetensors' memory map. ``recipe`` (fp8conv.recipe.Recipe or None) decides the
-    schemes of unquantized tensors; FP8 tensors carry theirs in their scale's shape."""
-    from safetensors import safe_open
-
+    time (``_Reader``). ``recipe`` (fp8conv.recipe.Recipe or None) decides the schemes of unquantized
+    tensors; FP8 tensors carry theirs in their scale's shape."""
     from fp8conv.runtime.loader import tensor_files
 
     files = tensor_files(ckpt)
-    handles: dict[Path, object] = {}
+    reader = _Reader()
+    try:
+        yield from _iter_stats(files, reader.get, recipe)
+    finally:
+        reader.close()
 
-    def get(name: str) -> torch.Tensor:
-        path = files[name]
-        if path not in handles:
-            handles.clear()  # one shard mapped at a time: touched pages of a closed map leave RSS
-            try:
-                handles[path] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise UserError(f"{path}: not a readable safetensors file ({e})") from None
+
+class _Reader:
+    """Reads one tensor at a time with fp8conv.checkpoint (pread into a buffer we own, not a memory
+    map, so RSS stays one tensor rather than growing with every page of the checkpoint touched)."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._fd = -1
+        self._infos: dict = {}
+        self._header = None
+
+    def _open(self, path: Path) -> None:
+        from fp8conv.checkpoint import read_header
+
+        self.close()
+        self._header = read_header(path)  # validated: offsets tile the file, dtypes known
+        self._infos = {t.name: t for t in self._header.tensors}
         try:
-            return handles[path].get_tensor(name)
-        except Exception as e:
-            raise UserError(f"{path}: cannot read tensor '{name}' ({e})") from None
+            self._fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise UserError(f"{path}: cannot open ({e.strerror})") from None
+        self._path = path
+
+    def get(self, name: str, path: Path) -> torch.Tensor:
+        from fp8conv.checkpoint import read_into, torch_dtype
+
+        if path != self._path:
+            self._open(path)
+        info = self._infos.get(name)
+        if info is None:
+            raise UserError(f"{path}: tensor '{name}' is listed in the index but not in the file")
+        try:
+            dtype = torch_dtype(info.dtype)
+        except KeyError:
+            raise UserError(f"{path}: tensor '{name}' has dtype {info.dtype}, which inspect cannot read") from None
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        read_into(self._fd, self._header, info, buf.numpy())
+        return buf.view(dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd, self._path = -1, None
+
+
+def _iter_stats(files: dict, read, recipe) -> Iterator[TensorStats]:
+    def get(name: str) -> torch.Tensor:
+        return read(name, files[name])
 
     for name in sorted(files, key=lambda n: (str(files[n]), n)):  # one shard after the other
         if name.endswith("_scale") and name[: -len("_scale")] in files:
