@@ -156,10 +156,11 @@ class KernelBench:
         sid = s["align"][s["last_bm"]][0]
         valid = sid < s["rows"]
         rows = sid[valid].long()
-        q, sc = hq[valid], hs[valid]
-        q, _ = repair_interpreter_fp8(q, s["ref_q"][rows])  # a no-op off the interpreter
+        q, sc = _rows(hq, valid), hs[valid]
+        ref_q = _rows(s["ref_q"], rows)
+        q, _ = repair_interpreter_fp8(q, ref_q)  # a no-op off the interpreter
         err_s = metrics.mean_rel_error(sc, s["ref_s"][rows])
-        err_q = metrics.mean_rel_error(fp8.dequantize(q, sc), fp8.dequantize(s["ref_q"][rows], s["ref_s"][rows]))
+        err_q = metrics.mean_rel_error(fp8.dequantize(q, sc), fp8.dequantize(ref_q, s["ref_s"][rows]))
         return max(err_s, err_q) if err_s == err_s and err_q == err_q else math.nan
 
     def run(self, cfg: KernelConfig):
@@ -307,7 +308,7 @@ class KernelBench:
             else:  # the down GEMM reads its input in padded order; padding rows are zero (scale 1)
                 valid = sid < s["rows"]
                 src = torch.where(valid, sid, 0).long()
-                a = s["hq"][src].view(torch.uint8) * valid[:, None].to(torch.uint8)
+                a = s["hq"].view(torch.uint8)[src] * valid[:, None].to(torch.uint8)
                 a = a.view(torch.float8_e4m3fn)
                 sa = torch.where(valid[:, None], s["hs"][src], torch.ones_like(s["hs"][src]))
             n_pad = sid.numel()
@@ -324,7 +325,14 @@ class KernelBench:
 def _block_quant(w: torch.Tensor):
     """[E, N, K] -> (fp8 [E, N, K], scales [E, N/128, K/128]) per expert with the contract's numerics."""
     qs = [fp8.quantize_block(w[i]) for i in range(w.shape[0])]
-    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+    # stack as bytes: not every torch build has FP8 cat/stack/index kernels on every device
+    q = torch.stack([q.view(torch.uint8) for q, _ in qs]).view(torch.float8_e4m3fn)
+    return q, torch.stack([s for _, s in qs])
+
+
+def _rows(q: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """q[index] for an FP8 tensor, through its bytes."""
+    return q.view(torch.uint8)[index].view(torch.float8_e4m3fn)
 
 
 def _deq_block(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
