@@ -37,7 +37,7 @@ def quantize_checkpoint(src, dst, recipe: Recipe | str | None = None, device: st
     """Convert SRC into DST; returns the report (what ``--json`` prints). UserError on bad input."""
     src, dst = Path(src), Path(dst)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    threads = threads or os.cpu_count() or 1
+    threads = threads or len(os.sched_getaffinity(0)) or 1  # the cores we may use (taskset, cgroups)
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     device = _check_device(device)
