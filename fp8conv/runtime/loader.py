@@ -164,6 +164,13 @@ def is_quantized(cfg: OneRecConfig, tensors: dict[str, StoredTensor]) -> bool:
 
 # writing --------------------------------------------------------------------------------------
 
+def public_mode(folder: Path) -> None:
+    """mkdtemp makes a 0700 folder; the finished output should get the usual umask-derived mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
 def write_checkpoint(out_dir: str | Path, cfg: OneRecConfig, tensors: dict[str, torch.Tensor],
                      extra_files: dict[str, dict[str, torch.Tensor] | str] | None = None,
                      config_extra: dict | None = None, force: bool = False) -> Path:
@@ -177,6 +184,7 @@ def write_checkpoint(out_dir: str | Path, cfg: OneRecConfig, tensors: dict[str, 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        public_mode(tmp)
         cfg_dict = cfg.to_dict() | (config_extra or {})
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / SINGLE_FILE),
