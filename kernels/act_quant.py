@@ -37,6 +37,20 @@ def round_to(x, DTYPE: tl.constexpr):
         return x
 
 
+@triton.jit
+def round_to_e4m3(x):
+    """float32 x (already clamped to +-448) rounded to the nearest float8_e4m3fn value, ties to even,
+    still as float32, so the cast that follows is exact whatever path the compiler takes to FP8 (and
+    under TRITON_INTERPRET, whose cast rounds wrongly). Normal range: round the 23-bit mantissa to 3
+    bits on the integer bits; below 2^-6 (subnormal FP8, spacing 2^-9): x + 1.5*2^14 - 1.5*2^14 rounds
+    to a multiple of 2^-9 in float32 arithmetic."""
+    u = x.to(tl.int32, bitcast=True)
+    u = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20
+    normal = u.to(tl.float32, bitcast=True)
+    sub = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) < 0.015625, sub, normal)
+
+
 # producer codes (compile-time)
 _NONE, _RMSNORM, _SWIGLU = 0, 1, 2
 
@@ -77,7 +91,7 @@ def _act_quant_kernel(
         scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
         q = tl.div_rn(xf, scale[:, None, None])
         tl.store(s_ptr + rows, scale, mask=rmask)
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
     tl.store(q_ptr + rows[:, None, None] * K + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
 
 

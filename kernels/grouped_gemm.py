@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.act_quant import per_group_quant, round_to
+from fp8conv.kernels.act_quant import per_group_quant, round_to, round_to_e4m3
 from fp8conv.kernels.config import KernelConfig, default_config
 
 KERNEL_NAME = "fp8_grouped_gemm"
@@ -194,7 +194,7 @@ def _grouped_gemm_block_fp8_kernel(
         amax = tl.max(tl.abs(h), axis=1)
         scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
         q = tl.div_rn(h, scale[:, None])
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
         offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = offs_p.to(tl.int64)
         tl.store(c_ptr + rows[:, None] * stride_cm + offs_h[None, :], q.to(c_ptr.dtype.element_ty))
