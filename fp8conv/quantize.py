@@ -65,7 +65,7 @@ def quantize_checkpoint(src, dst, recipe: Recipe | str | None = None, device: st
 
 
 def _check_device(device: str) -> str:
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if device not in ("cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     if device != "cpu":
         import torch
@@ -122,7 +122,12 @@ def _write_all(plan: Plan, tmp: Path, device: str, threads: int, progress: bool)
             hashes[f.name] = convert_file(f, tmp / f.name, device, threads, stats, p)
     for rel in plan.copies:
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(plan.src / rel, tmp / rel)
+        try:
+            shutil.copyfile(plan.src / rel, tmp / rel)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"{plan.src / rel}: cannot copy it ({e.strerror})") from None
     schemes = {module_name(t.name): t.scheme for t in plan.tensors if is_quantizable(t.name, t.shape)}
     config = dict(plan.config)
     qc = build_quantization_config(schemes)

@@ -184,15 +184,16 @@ def _check_quantizable(h: Header, t, scheme: str) -> None:
 
 
 def _other_files(src: Path, shards: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Every regular file except the shards, the index and config.json (rewritten); pickle weight files
-    (``pytorch_model*.bin``, ``*.pt`` ...) are skipped: they would be the unquantized weights again."""
+    """Every regular file except the shards, the index and config.json (rewritten). Skipped: pickle weight
+    files (``pytorch_model*.bin``, ``*.pt`` ...) and safetensors files the index does not name; they
+    would be unquantized weights again."""
     copies, skipped = [], []
     for p in sorted(src.rglob("*")):
         rel = p.relative_to(src).as_posix()
         if not p.is_file() or rel in shards or rel in (INDEX_NAME, "config.json"):
             continue
-        if p.suffix in (".pt", ".pth", ".ckpt") or (p.suffix == ".bin" and "model" in p.name):
-            skipped.append(rel)
+        if p.suffix in (".pt", ".pth", ".ckpt", ".safetensors") or (p.suffix == ".bin" and "model" in p.name):
+            skipped.append(rel)  # weights the index does not name (or pickles): not part of the output
         else:
             copies.append(rel)
     return tuple(copies), tuple(skipped)

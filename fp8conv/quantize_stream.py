@@ -170,7 +170,8 @@ def _convert(fplan: FilePlan, t: TensorPlan, buf: torch.Tensor, device: str, poo
                         f"it cannot be quantized")
     # 6 significant digits: the sums' last bits depend on the device's summation order, and the
     # manifest must be byte-identical whether the conversion ran on the CPU or a GPU
-    stats[t.name] = {"amax": st["amax"], "rel_error": _round(st["rel_error"]), "sqnr_db": _round(st["sqnr_db"])}
+    stats[t.name] = {"amax": st["amax"], "rel_error": _round(st["rel_error"]),
+                     "sqnr_db": _round(st["sqnr_db"])}
     return [(t.name, _as_bytes(q)), (t.name + SCALE_SUFFIX, _as_bytes(s))]
 
 

@@ -58,7 +58,8 @@ def write_ckpt(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1, 
             weight_map.update({n: fname for n in part})
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config or {"model_type": "test", "torch_dtype": "bfloat16"}))
+    config = config or {"model_type": "test", "torch_dtype": "bfloat16"}
+    (folder / "config.json").write_text(json.dumps(config))
     for rel, text in (extra_files or {}).items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_text(text)
@@ -154,8 +155,10 @@ def big_ckpt(tmp_path_factory) -> Path:
     g = torch.Generator().manual_seed(7)
     tensors = {}
     for i in range(12):
-        tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = (torch.randn(2048, 4096, generator=g) * 0.02).bfloat16()
-        tensors[f"model.layers.{i}.mlp.experts.0.up_proj.weight"] = (torch.randn(2000, 4000, generator=g) * 0.02).bfloat16()
+        q = torch.randn(2048, 4096, generator=g) * 0.02
+        up = torch.randn(2000, 4000, generator=g) * 0.02
+        tensors[f"model.layers.{i}.self_attn.q_proj.weight"] = q.bfloat16()
+        tensors[f"model.layers.{i}.mlp.experts.0.up_proj.weight"] = up.bfloat16()
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(4096).bfloat16()
     write_ckpt(folder, tensors, shards=2)
     return folder

@@ -22,8 +22,8 @@ from fp8conv.quantize import quantize_checkpoint
 from fp8conv.quantize_math import combine, quantize_block_chunk, quantize_channel_chunk, row_chunks
 from fp8conv.recipe import Recipe
 from fp8conv.synth import write_synthetic_checkpoint
-from quantize_helpers import (RECIPE, UNALIGNED, big_ckpt, make_tensors, read_raw, ref_quantize, tensor_bytes,  # noqa: F401
-                              write_ckpt)
+from quantize_helpers import big_ckpt  # noqa: F401 - a fixture
+from quantize_helpers import RECIPE, UNALIGNED, make_tensors, read_raw, ref_quantize, tensor_bytes, write_ckpt
 
 SHAPES = [(1, 7), (83, 300), (257, 1408), (129, 3884), (128, 128), (300, 129)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -67,7 +67,9 @@ def test_chunked_math_is_bit_exact(shape, dtype, scheme):
 
 def _check_output(src: Path, dst: Path, recipe: Recipe):
     """Every tensor of DST against SRC: quantized ones bit-exact twice over, kept ones byte-identical."""
-    files = sorted(p.name for p in src.glob("*.safetensors"))
+    index = src / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else \
+        sorted(p.name for p in src.glob("*.safetensors"))
     assert sorted(p.name for p in dst.glob("*.safetensors")) == files
     manifest = json.loads((dst / "fp8conv.json").read_text())
     for fname in files:
@@ -109,6 +111,7 @@ def tiny_sharded(tmp_path_factory):
     (src / "extra").mkdir()
     (src / "extra" / "notes.txt").write_text("kept as is\n")
     (src / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    (src / "consolidated.safetensors").write_bytes(b"weights the index does not name")
     return src
 
 
@@ -130,7 +133,8 @@ def test_sharded_onerec_output(tiny_sharded, tmp_path):
     # other files copied byte for byte, pickle weights left out
     assert (dst / "tokenizer.json").read_bytes() == (tiny_sharded / "tokenizer.json").read_bytes()
     assert (dst / "extra" / "notes.txt").read_text() == "kept as is\n"
-    assert not (dst / "pytorch_model.bin").exists() and report["skipped"] == ["pytorch_model.bin"]
+    assert report["skipped"] == ["consolidated.safetensors", "pytorch_model.bin"]
+    assert not (dst / "pytorch_model.bin").exists() and not (dst / "consolidated.safetensors").exists()
     # manifest: tool, recipe text that parses back, source hashes
     assert manifest["tool"] == "fp8conv" and Recipe.from_toml(manifest["recipe"]["toml"]) == recipe
     for fname, digest in manifest["source"]["files"].items():
