@@ -17,7 +17,7 @@ from fp8conv.checkpoint import (FLOAT_DTYPES, FP8_DTYPES, INDEX_NAME, Header, Ou
                                 read_header, read_index)
 from fp8conv.errors import UserError
 from fp8conv.numerics import BLOCK
-from fp8conv.recipe import Recipe
+from fp8conv.recipe import Recipe, builtin_names
 
 SCALE_SUFFIX = "_scale"  # X.weight -> X.weight_scale (compressed-tensors naming)
 # Pickle-based weight formats: never opened (unpickling runs arbitrary code), never copied.
@@ -99,9 +99,11 @@ def make_plan(src: Path, recipe: Recipe) -> Plan:
     _check_not_quantized(src, config, headers)
     unclaimed = recipe.unclaimed(shapes)
     if unclaimed:
-        raise UserError(f"recipe {recipe.name!r} ({recipe.source}) claims no rule for {len(unclaimed)} "
-                        f"weight(s) of {src}:\n  " + "\n  ".join(unclaimed)
-                        + "\nadd rules for them, or set default = \"keep\" in the recipe")
+        shown = unclaimed if len(unclaimed) <= 50 else unclaimed[:50] + [f"... and {len(unclaimed) - 50} more"]
+        raise UserError(f"recipe {recipe.name!r} ({recipe.source}) has no rule for {len(unclaimed)} "
+                        f"weight(s) of {src}:\n  " + "\n  ".join(shown)
+                        + "\nadd rules for them, set default = \"keep\" in the recipe, or pick another recipe "
+                        f"(built-in: {', '.join(builtin_names())}; see `fp8conv recipe show NAME`)")
     plans = []
     for fname, h in headers.items():
         tensors = []
