@@ -17,6 +17,7 @@ FP8 operands for a GEMM alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import platform
@@ -162,8 +163,21 @@ def bench_dense(ms, sweep):
             record(name, "rms_norm+cublas bf16", m, n, k, bfn, flops, bf_bytes)
             fn = time_us(lambda x, wb, wq, ws, *_: fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), sets)
             record(name, "fp8 rmsnorm_quant+gemm", m, n, k, fn, flops, lin_bytes, bfn, "norm+bf16", err)
+            if sweep and m == max(ms) and name in ("q/o", "down"):
+                sweep_quant(name, m, k, sets, nw)
             if sweep and m == max(ms):
                 sweep_gemm(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
+
+
+def sweep_quant(name, m, k, sets, nw):
+    for rows, warps in [(1, 4), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (16, 8)]:
+        cfg = KernelConfig(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=warps, num_stages=1)
+        us = time_us(lambda x, *_: act_quant.per_token_quant(x, config=cfg), sets)
+        record(name, f"sweep quant rows{rows} w{warps}", m, 0, k, us, 0, 3 * m * k + 4 * m, None, "", None,
+               {"config": cfg.to_dict(), "sweep": True})
+        us = time_us(lambda x, *_: act_quant.rmsnorm_quant(x, nw, 1e-6, config=cfg), sets)
+        record(name, f"sweep rmsquant rows{rows} w{warps}", m, 0, k, us, 0, 3 * m * k + 4 * m, None, "", None,
+               {"config": cfg.to_dict(), "sweep": True})
 
 
 def gemm_candidates(m):
@@ -172,7 +186,7 @@ def gemm_candidates(m):
                  (64, 256, 128, 8, 3)]
     else:
         tiles = [(128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                 (128, 256, 64, 8, 4), (128, 128, 64, 4, 5), (64, 256, 128, 4, 4), (128, 64, 128, 4, 4)]
+                 (128, 256, 64, 8, 4), (64, 256, 128, 4, 4), (128, 128, 256, 8, 3), (128, 128, 256, 4, 3)]
     return [KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in tiles]
 
@@ -279,8 +293,8 @@ def bench_moe(ms, sweep):
         record("experts", "fp8 down", rows, D, INTER_E, k2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
                t2, "_grouped_mm")
         if t13:
-            record("experts", "fp8 both GEMMs", rows, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm",
-                   None, {"goal": "grouped"})
+            record("experts", "fp8 both GEMMs", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm",
+                   None, {"goal": "grouped", "rows": rows})
         # whole layer: ours (quant, align, 2 GEMMs, combine) vs a bf16 torch pipeline
         full = lambda a: gg.fused_experts(a, ids, tw, packed)  # noqa: E731
         if m <= 4096:
@@ -313,26 +327,28 @@ def bench_moe(ms, sweep):
 
 def sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2):
     rows = m * TOPK
-    for bm, w, s in [(64, 8, 3), (64, 8, 4), (128, 8, 3), (64, 4, 3)]:
+    for (bm, w, s), tma in itertools.product([(64, 8, 3), (64, 8, 4), (64, 4, 3)], (True, False)):
         sid, bexp = gg.moe_align(ids, E, 128)
         c1 = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
         try:
             us = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
-                                                           swiglu=True, align_m=128, config=c1), [()])
-            record("experts", f"sweep g/u {bm}x256 w{w}s{s}", rows, 2 * INTER_E, D, us, f13, 0, t13,
-                   "_grouped_mm", None, {"config": c1.to_dict(), "sweep": True})
+                                                           swiglu=True, align_m=128, config=c1, use_tma=tma), [()])
+            record("experts", f"sweep g/u {bm}x256 w{w}s{s} tma={tma}", rows, 2 * INTER_E, D, us, f13, 0, t13,
+                   "_grouped_mm", None, {"config": c1.to_dict(), "sweep": True, "tma": tma})
         except Exception as exc:
             print(f"  skip g/u {c1.to_dict()}: {type(exc).__name__}")
-        for bn in (128, 256):
+    for (bm, w, s), tma in itertools.product([(64, 4, 3), (128, 8, 3), (128, 8, 4), (64, 8, 4)], (True, False)):
+        sid, bexp = gg.moe_align(ids, E, 128)
+        for bn in (128,):
             c2 = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
             hq2, hs2 = gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
                                                  swiglu=True, align_m=128)
             try:
                 us = time_us(lambda: gg.grouped_gemm_block_fp8(hq2, hs2, packed.w2, packed.s2, sid, bexp, topk=TOPK,
                                                                swiglu=False, align_m=128, num_valid=rows,
-                                                               config=c2), [()])
-                record("experts", f"sweep down {bm}x{bn} w{w}s{s}", rows, D, INTER_E, us, f2, 0, t2,
-                       "_grouped_mm", None, {"config": c2.to_dict(), "sweep": True})
+                                                               config=c2, use_tma=tma), [()])
+                record("experts", f"sweep down {bm}x{bn} w{w}s{s} tma={tma}", rows, D, INTER_E, us, f2, 0, t2,
+                       "_grouped_mm", None, {"config": c2.to_dict(), "sweep": True, "tma": tma})
             except Exception as exc:
                 print(f"  skip down {c2.to_dict()}: {type(exc).__name__}")
 

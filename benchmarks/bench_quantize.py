@@ -39,8 +39,8 @@ for p in sorted(src.iterdir()):
 """
 
 
-def run_case(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one subprocess."""
+def run_case(cmd: list[str]) -> tuple[float, int, float]:
+    """(wall seconds, peak RSS bytes, CPU seconds user+sys) of one subprocess."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -49,7 +49,7 @@ def run_case(cmd: list[str]) -> tuple[float, int]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err}")
-    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+    return wall, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime  # ru_maxrss is in KiB on Linux
 
 
 def warm(src: Path) -> None:
@@ -83,7 +83,7 @@ def main() -> None:
         quant += ["--threads", str(args.threads)]
     cases = {"safetensors load+save": [sys.executable, "-c", BASELINE, str(src), str(work / "out-copy")],
              "fp8conv quantize": quant}
-    runs: dict[str, list[tuple[float, int]]] = {k: [] for k in cases}
+    runs: dict[str, list[tuple[float, int, float]]] = {k: [] for k in cases}
     print(f"source {src}: {size / 1e9:.3f} GB, {os.cpu_count()} CPUs", flush=True)
     for i in range(args.repeat):
         for name, cmd in cases.items():
@@ -91,20 +91,22 @@ def main() -> None:
             shutil.rmtree(work / "out-fp8", ignore_errors=True)
             subprocess.run(["sync"], check=False)
             warm(src)
-            wall, rss = run_case(cmd)
-            runs[name].append((wall, rss))
+            wall, rss, cpu = run_case(cmd)
+            runs[name].append((wall, rss, cpu))
             print(f"run {i + 1} {name:24s} {wall:8.2f} s  {size / wall / 1e9:6.3f} GB/s  "
-                  f"peak RSS {rss / 1e9:6.3f} GB", flush=True)
-    base = statistics.median(w for w, _ in runs["safetensors load+save"])
+                  f"CPU {cpu:7.2f} s  peak RSS {rss / 1e9:6.3f} GB", flush=True)
+    base = statistics.median(w for w, _, _ in runs["safetensors load+save"])
     rows = []
-    print(f"\n{'case':24s} | {'median s':>8s} | {'GB/s':>6s} | {'peak RSS GB':>11s} | x vs baseline")
+    print(f"\n{'case':24s} | {'median s':>8s} | {'GB/s':>6s} | {'CPU s':>6s} | {'peak RSS GB':>11s} | x vs baseline")
     for name, rs in runs.items():
-        med = statistics.median(w for w, _ in rs)
-        rss = max(r for _, r in rs)
-        rows.append({"case": name, "seconds": [round(w, 3) for w, _ in rs], "median_s": round(med, 3),
-                     "gb_per_s": round(size / med / 1e9, 3), "peak_rss_bytes": rss,
+        med = statistics.median(w for w, _, _ in rs)
+        cpu = statistics.median(c for _, _, c in rs)
+        rss = max(r for _, r, _ in rs)
+        rows.append({"case": name, "seconds": [round(w, 3) for w, _, _ in rs], "median_s": round(med, 3),
+                     "cpu_s": round(cpu, 2), "gb_per_s": round(size / med / 1e9, 3), "peak_rss_bytes": rss,
                      "x_vs_baseline": round(med / base, 3)})
-        print(f"{name:24s} | {med:8.2f} | {size / med / 1e9:6.3f} | {rss / 1e9:11.3f} | {med / base:.3f}")
+        print(f"{name:24s} | {med:8.2f} | {size / med / 1e9:6.3f} | {cpu:6.1f} | {rss / 1e9:11.3f} | "
+              f"{med / base:.3f}")
     import safetensors
     import torch
 

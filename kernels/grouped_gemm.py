@@ -31,6 +31,14 @@ from fp8conv.kernels.act_quant import per_group_quant, round_to, round_to_e4m3
 from fp8conv.kernels.config import KernelConfig, default_config
 
 KERNEL_NAME = "fp8_grouped_gemm"
+
+
+def _tensor_descriptor():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:  # Triton < 3.4
+        return None
+    return TensorDescriptor
 BLOCK = 128
 _ACT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -137,6 +145,7 @@ def _grouped_gemm_block_fp8_kernel(
     stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
     # meta
     TOPK: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
+    A_TMA: tl.constexpr, B_TMA: tl.constexpr,
     ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -161,22 +170,28 @@ def _grouped_gemm_block_fp8_kernel(
         a_row = offs_p.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
+    if not A_TMA:
+        a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
+    if not B_TMA:
+        b_ptrs = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     as_ptrs = as_ptr + a_row * stride_asm
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // BLOCK_K) * stride_bsn
     nmask = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         kmask = (offs_k + kb * BLOCK_K) < K
-        a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        if A_TMA:  # rows contiguous in padded order; zero-filled past K
+            a = a_ptr.load([pid_m * BLOCK_M, kb * BLOCK_K])
+        else:
+            a = tl.load(a_ptrs + kb * BLOCK_K, mask=valid[:, None] & kmask[None, :], other=0.0)
+        if B_TMA:  # [E*N, K] view; rows past this expert's N only feed masked-out columns
+            b = b_ptr.load([(expert * N + pid_n * BLOCK_N).to(tl.int32), kb * BLOCK_K])
+        else:
+            b = tl.load(b_ptrs + kb * BLOCK_K, mask=nmask[:, None] & kmask[None, :], other=0.0)
         sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)
         sb = tl.load(bs_ptrs + kb, mask=nmask, other=0.0)
         # block scales change every K block, so each block's product is scaled before accumulation
         acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
 
     if SWIGLU:
         # tile columns = [gate block, up block] of one 128-row block pair
@@ -209,7 +224,8 @@ def _grouped_gemm_block_fp8_kernel(
 def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                            sorted_ids: torch.Tensor, block_expert: torch.Tensor, *, topk: int,
                            swiglu: bool, out_dtype: torch.dtype = torch.bfloat16, align_m: int | None = None,
-                           num_valid: int | None = None, config: KernelConfig | None = None, out=None):
+                           num_valid: int | None = None, config: KernelConfig | None = None, out=None,
+                           use_tma: bool = True):
     """Block-scaled FP8 grouped GEMM over expert-sorted rows, one launch for all experts.
 
     Rows: ``sorted_ids``/``block_expert`` from ``moe_align(topk_ids, E, align_m)``; P = len(sorted_ids).
@@ -222,6 +238,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     swiglu=False (down): a is (P, K') fp8 in padded order (h_q above; K' >= K, extra columns ignored),
       a_scale (P, ceil(K'/128)); returns y (T*topk, N) ``out_dtype``, row sorted_ids[p] = expert output.
     out: optional preallocated contiguous outputs of those shapes ((h_q, h_scale) or y).
+    use_tma: load B (and the down GEMM's A) through TMA descriptors when K % 16 == 0 (default).
     Strides: a, a_scale unit column stride. Any K (masked); BLOCK_K must be 128; swiglu needs
     BLOCK_N == 256; BLOCK_M must divide align_m (default: config.BLOCK_M).
     """
@@ -268,12 +285,19 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     if p == 0:
         return (c, cs) if swiglu else c
     grid = ((p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    # TMA descriptors where the layout allows (16-byte aligned rows); pointer loads otherwise
+    TD = _tensor_descriptor() if use_tma else None
+    b_tma = TD is not None and k % 16 == 0
+    a_tma = TD is not None and not swiglu and a.is_contiguous() and a.shape[1] % 16 == 0
+    b_arg = TD.from_tensor(b.view(e * n, k), [cfg.BLOCK_N, cfg.BLOCK_K]) if b_tma else b
+    a_arg = TD.from_tensor(a, [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else a
     _grouped_gemm_block_fp8_kernel[grid](
-        a, a_scale, b, b_scale, sorted_ids, block_expert, c, cs,
+        a_arg, a_scale, b_arg, b_scale, sorted_ids, block_expert, c, cs,
         n, k, num_valid,
         a.stride(0), a_scale.stride(0), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
         c.stride(0), cs.stride(0),
-        TOPK=topk, GATHER=swiglu, SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], ALIGN_M=align_m,
+        TOPK=topk, GATHER=swiglu, SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], A_TMA=a_tma, B_TMA=b_tma,
+        ALIGN_M=align_m,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

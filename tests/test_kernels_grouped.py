@@ -1,9 +1,9 @@
 """kernels/grouped_gemm.py: packing, align, the block-scaled grouped GEMM (fused gate/up + SwiGLU +
 quant, and down), combine and the whole pipeline, against dequantized float32 references.
 
-On the CPU the Triton interpreter's FP8 casts are not the hardware's, so the stages are checked one
-by one on the kernel's own inputs (the end-to-end comparison with ReferenceBackend is a CUDA test:
-one wrongly rounded FP8 element in a K=200 dot product moves the output by more than 1e-3)."""
+Each stage is checked on its own inputs against the 1e-3 gate (end to end, a second dynamic
+quantization of a GEMM output amplifies accumulation-order differences: kernels/testing.py,
+TOL_CHAINED; that comparison with ReferenceBackend is a CUDA test)."""
 
 import itertools
 
@@ -20,7 +20,8 @@ from fp8conv.runtime.ops import Experts, ReferenceBackend
 CFG_GU = KernelConfig(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
 CFG_DN = KernelConfig(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
 # (E, I, d, T, topk): I and d not multiples of 128; T = 1, 7, 83
-CASES = [(4, 150, 200, 1, 2), (4, 150, 200, 7, 2), (3, 128, 136, 83, 3)]
+# d = 208, I = 144: 16-byte aligned rows, so B (and the down GEMM's A) go through TMA descriptors
+CASES = [(4, 150, 200, 1, 2), (4, 150, 200, 7, 2), (3, 128, 136, 83, 3), (3, 144, 208, 83, 3)]
 
 
 def _dev():
