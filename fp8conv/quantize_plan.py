@@ -99,9 +99,8 @@ def make_plan(src: Path, recipe: Recipe) -> Plan:
     _check_not_quantized(src, config, headers)
     unclaimed = recipe.unclaimed(shapes)
     if unclaimed:
-        shown = unclaimed if len(unclaimed) <= 50 else unclaimed[:50] + [f"... and {len(unclaimed) - 50} more"]
         raise UserError(f"recipe {recipe.name!r} ({recipe.source}) has no rule for {len(unclaimed)} "
-                        f"weight(s) of {src}:\n  " + "\n  ".join(shown)
+                        f"weight(s) of {src}:\n  " + "\n  ".join(unclaimed)
                         + "\nadd rules for them, set default = \"keep\" in the recipe, or pick another recipe "
                         f"(built-in: {', '.join(builtin_names())}; see `fp8conv recipe show NAME`)")
     plans = []
