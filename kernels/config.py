@@ -31,6 +31,11 @@ class KernelConfig:
         return cls(**d)
 
 
+# fp8_gemm adds each BLOCK_K chunk's product to the FP32 accumulator separately from this K on
+# (kernels/fp8_gemm.py says why)
+PROMOTE_MIN_K = 2048
+
+
 # -- documented defaults (used when no tuned config applies; see docs/kernels.md) ---------------------
 #
 # fp8_gemm (per-token x per-channel, _nt): BLOCK_K 128 (one 128-byte FP8 row segment per TMA box);
@@ -51,7 +56,12 @@ def default_config(kernel: str, m: int, n: int, k: int) -> KernelConfig:
             return KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
         if m <= 1024:
             return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-        return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+        # H100 sweep at M = 16384 (docs/benchmarks.md): 128x256x128, 8 warps, 3 stages is best or within
+        # 1% of best on every preset shape; with promotion (K >= PROMOTE_MIN_K) the second accumulator
+        # makes 128x256 spill, and 128x128x128 w8 s4 is best.
+        if k >= PROMOTE_MIN_K or n <= 128:
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+        return KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
     if kernel == "fp8_grouped_gemm":
         # n is the packed weight's rows: 2 * I_padded for gate/up (SwiGLU fused), d for down.
         # Each K block's product is scaled into the accumulator, so a tile needs two accumulators'

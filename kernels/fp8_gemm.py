@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from fp8conv.kernels.act_quant import round_to
-from fp8conv.kernels.config import KernelConfig, default_config
+from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config
 
 KERNEL_NAME = "fp8_gemm"
 
@@ -113,9 +113,6 @@ def _fp8_gemm_nt_tma_kernel(
 # error of one chained accumulator reaches the 1e-3 gate (measured on an H100: mean rel. error 5.5e-4
 # at K = 1408, 1.05e-3 at K = 3840 against the float32 reference). PROMOTE adds each BLOCK_K chunk's
 # product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion), at some speed.
-PROMOTE_MIN_K = 2048
-
-
 def _promote_default(k: int) -> bool:
     return k >= PROMOTE_MIN_K
 
