@@ -32,7 +32,7 @@ class VerifyOptions:
     cand: Path
     contexts: Path | None = None
     synthetic: int | None = None
-    beam: int = 64
+    beam: int = 32
     top_n: int = 10
     thresholds: Thresholds = field(default_factory=Thresholds)
     device: str = "cpu"

@@ -86,11 +86,12 @@ class Checkpoint:
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{index}: not a valid safetensors index ({e})") from None
             files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in self.path.glob("*.safetensors"))
+        else:  # other *.safetensors (contexts, catalogue) are not model tensors
+            files = ["model.safetensors"] if (self.path / "model.safetensors").is_file() else []
             weight_map = None
         if not files:
-            raise UserError(f"{role} {self.path}: no *.safetensors files")
+            raise UserError(f"{role} {self.path}: neither model.safetensors nor "
+                            f"model.safetensors.index.json found")
         self._handles, self.file_of = {}, {}
         for fname in files:
             for name in self._open(fname).keys():

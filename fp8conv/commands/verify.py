@@ -20,8 +20,8 @@ import click
 @click.option("--synthetic", type=int, default=None, metavar="N", envvar="FP8CONV_VERIFY_SYNTHETIC",
               help="Use N synthetic users drawn from the config instead of shipped contexts "
                    "[env FP8CONV_VERIFY_SYNTHETIC].")
-@click.option("--beam", type=int, default=64, show_default=True, envvar="FP8CONV_VERIFY_BEAM",
-              help="Beam width [env FP8CONV_VERIFY_BEAM].")
+@click.option("--beam", type=int, default=32, show_default=True, envvar="FP8CONV_VERIFY_BEAM",
+              help="Beam width (32: the width the example's Recall is documented at) [env FP8CONV_VERIFY_BEAM].")
 @click.option("--top-n", type=int, default=10, show_default=True, envvar="FP8CONV_VERIFY_TOP_N",
               help="Items per user compared, and K of Recall@K / NDCG@K [env FP8CONV_VERIFY_TOP_N].")
 @click.option("--thresholds", type=click.Path(path_type=Path), default=None, envvar="FP8CONV_VERIFY_THRESHOLDS",
