@@ -18,10 +18,10 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from fp8conv.kernels.config import KernelConfig, default_config
+from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config
 from fp8conv.tuning.shapes import Problem
 
-ACC_REGS_BUDGET = 128  # fp32 accumulator registers per thread beyond which spills start (wgmma tiles)
+ACC_REGS_BUDGET = 160  # fp32 accumulator registers per thread beyond which spills start (docs/kernels.md)
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,13 @@ def device_limits(device_index: int | None = None) -> Limits:
 
 def _space(p: Problem):
     """The raw space for a kernel (before any filter)."""
+    # docs/kernels.md, "Configs: what the tuner may vary": BLOCK_M >= 64 for wgmma; the grouped GEMM
+    # takes BLOCK_M 64 or 128 (its alignment), BLOCK_K 128 only, and BLOCK_N 256 for the fused gate/up
     if p.kernel == "fp8_gemm":
-        return itertools.product((64, 128, 256), (64, 128, 256), (64, 128, 256), (1, 8), (4, 8), (2, 3, 4, 5))
+        return itertools.product((64, 128, 256), (32, 64, 128, 256), (64, 128, 256), (1, 8), (4, 8), (2, 3, 4, 5))
     if p.kernel == "fp8_grouped_gemm":
         bns = (256,) if p.swiglu else (64, 128, 256)
-        return itertools.product((16, 32, 64, 128), bns, (128,), (1, 8), (4, 8), (2, 3, 4, 5))
+        return itertools.product((64, 128), bns, (128,), (1, 8), (4, 8), (2, 3, 4, 5))
     raise ValueError(f"no tunable kernel {p.kernel!r}")
 
 
@@ -83,18 +85,21 @@ def shared_bytes(p: Problem, c: KernelConfig) -> int:
     return ring + epilogue
 
 
-def acc_regs(c: KernelConfig) -> int:
-    return c.BLOCK_M * c.BLOCK_N // (32 * c.num_warps)
+def acc_regs(p: Problem, c: KernelConfig) -> int:
+    """fp32 accumulator registers per thread; two accumulators where each K block's product is added
+    separately (the grouped GEMM always, fp8_gemm's promotion from PROMOTE_MIN_K)."""
+    two = p.kernel == "fp8_grouped_gemm" or p.k >= PROMOTE_MIN_K
+    return c.BLOCK_M * c.BLOCK_N * (2 if two else 1) // (32 * c.num_warps)
 
 
 def fits(p: Problem, c: KernelConfig, lim: Limits) -> str | None:
     """None if the GPU and kernel can take ``c``, else why not."""
     if shared_bytes(p, c) > lim.max_shared:
         return f"shared memory {shared_bytes(p, c)} > {lim.max_shared}"
-    if acc_regs(c) > ACC_REGS_BUDGET:
-        return f"accumulator needs {acc_regs(c)} registers per thread"
+    if acc_regs(p, c) > ACC_REGS_BUDGET:
+        return f"accumulator needs {acc_regs(p, c)} registers per thread"
     # the accumulator plus ~64 registers of addresses, scales and loop state, for every thread
-    if (acc_regs(c) + 64) * 32 * c.num_warps > lim.max_regs:
+    if (acc_regs(p, c) + 64) * 32 * c.num_warps > lim.max_regs:
         return f"registers per block > {lim.max_regs}"
     if c.BLOCK_M * c.BLOCK_N < 64 * 64 and c.num_warps > 4:
         return "too many warps for the tile"
@@ -103,7 +108,7 @@ def fits(p: Problem, c: KernelConfig, lim: Limits) -> str | None:
 
 def _relevant(p: Problem, c: KernelConfig) -> bool:
     """Drop tiles far larger than the problem (they only add padding)."""
-    m_cap = max(64 if p.kernel == "fp8_gemm" else 16, _next_pow2(p.m))
+    m_cap = max(64, _next_pow2(p.m))
     n_cap = max(64, _next_pow2(p.n))
     k_cap = max(64, _next_pow2(p.k))
     return c.BLOCK_M <= m_cap and c.BLOCK_N <= n_cap and c.BLOCK_K <= k_cap

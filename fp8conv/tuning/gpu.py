@@ -150,17 +150,19 @@ class KernelBench:
         s, p = self._s, self.p
         if p.kernel == "fp8_gemm" or not p.swiglu:
             return metrics.mean_rel_error(out, s["ref"])
-        from fp8conv.kernels.testing import repair_interpreter_fp8
-
         hq, hs = out
         sid = s["align"][s["last_bm"]][0]
         valid = sid < s["rows"]
         rows = sid[valid].long()
         q, sc = _rows(hq, valid), hs[valid]
-        ref_q = _rows(s["ref_q"], rows)
-        q, _ = repair_interpreter_fp8(q, ref_q)  # a no-op off the interpreter
         err_s = metrics.mean_rel_error(sc, s["ref_s"][rows])
-        err_q = metrics.mean_rel_error(fp8.dequantize(q, sc), fp8.dequantize(ref_q, s["ref_s"][rows]))
+        # the values on the kernel's own 1x128 grid (kernels.testing.check_quant(own_scale=True)): a
+        # group amax moved by the tensor cores' accumulation order re-grids the whole group, so two
+        # correct kernels differ by FP8 noise there; the scales themselves are held to ``err_s``
+        h = s["ref_h"][rows].float()
+        full = sc.repeat_interleave(fp8.BLOCK, 1)[:, : h.shape[1]]
+        ref = (h / full).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(torch.float8_e4m3fn).float() * full
+        err_q = metrics.mean_rel_error(fp8.dequantize(q, sc), ref)
         return max(err_s, err_q) if err_s == err_s and err_q == err_q else math.nan
 
     def run(self, cfg: KernelConfig):
@@ -265,7 +267,8 @@ class KernelBench:
                     g = (xd[r] @ _deq_block(gq[ex], gs[ex]).t()).to(OUT_DTYPE).float()
                     u = (xd[r] @ _deq_block(uq[ex], us[ex]).t()).to(OUT_DTYPE).float()
                     h[r] = (F.silu(g) * u).to(OUT_DTYPE)
-            s["ref_q"], s["ref_s"] = fp8.quantize_per_group(h)
+            s["ref_h"] = h
+            s["ref_s"] = fp8.quantize_per_group(h)[1]
             wb = torch.cat([gate, up], dim=1)  # baseline: gate and up as one bf16 GEMM, no SwiGLU
         else:
             d, inter = p.n, p.k
