@@ -70,8 +70,22 @@ def test_context_kv_computed_once_per_user(model, ctx):
     assert len(qs) == 3 * CFG.num_hidden_layers
     # every call: (U, beams x positions, H, D) queries against (U, S, G, D), never a context per beam
     assert all(q[0] == 4 and k[0] == 4 for q, k in qs)
-    assert [q[1] for q, _ in qs[::CFG.num_hidden_layers]] == [1, K * 2, 16 * 3]
+    # one new decoder position per step (self-attention K/V of earlier positions kept per beam)
+    assert [q[1] for q, _ in qs[::CFG.num_hidden_layers]] == [1, K, 16]
     assert [x.shape[0] for x in rec["lm_heads.2"]] == [4 * 16]
+    assert [x.shape[:2] for x in rec["model.layers.0"]] == [(4, 1), (4 * K, 1), (4 * 16, 1)]
+
+
+def test_incremental_decode_matches_full_recompute(model, ctx):
+    kv = model.encode_context(ctx)
+    prefix = torch.randint(0, K, (8, 2), generator=torch.Generator().manual_seed(3))
+    users = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    past = None
+    for t in range(3):
+        step, past = model.decode_step(kv, prefix[:, :t], users, past)
+        torch.testing.assert_close(step, model.forward_logits(None, prefix[:, :t], users, kv=kv),
+                                   rtol=1e-5, atol=1e-5)
+        assert past[0][0].shape == (8, t + 1, CFG.num_key_value_heads, CFG.head_dim)
 
 
 def test_batch_equals_user_by_user(model, ctx):

@@ -96,10 +96,10 @@ def beam_search(model, ctx, beam_width: int = 32, top_n: int = 10,
     u = ctx.num_users
     prefix = torch.zeros(u, 0, dtype=torch.int64, device=dev)  # (U * nb, t)
     beam_scores = torch.zeros(u, 1, dtype=torch.float32, device=dev)  # (U, nb)
-    nb = 1
+    nb, past = 1, None
     for t in range(levels):
         user_index = torch.arange(u, device=dev).repeat_interleave(nb)
-        logits = model.forward_logits(None, prefix, user_index, kv=kv)  # (U * nb, K)
+        logits, past = model.decode_step(kv, prefix, user_index, past)  # (U * nb, K)
         logp = torch.log_softmax(logits.float(), dim=-1)
         if catalogue is not None:
             logp = logp.masked_fill(~catalogue.allowed(prefix.to(dev)), -math.inf)
@@ -109,6 +109,8 @@ def beam_search(model, ctx, beam_width: int = 32, top_n: int = 10,
         parent, code = idx // k, idx % k
         prev = prefix.view(u, nb, t).gather(1, parent[..., None].expand(-1, -1, t))
         prefix = torch.cat([prev, code[..., None]], dim=2).view(u * keep, t + 1)
+        rows = (torch.arange(u, device=dev)[:, None] * nb + parent).reshape(-1)
+        past = model.reorder_past(past, rows)  # each new beam continues its parent's self-attn K/V
         beam_scores, nb = vals.float(), keep
     items = prefix.view(u, nb, levels)
     scores = beam_scores

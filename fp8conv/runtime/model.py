@@ -11,11 +11,13 @@ Choices DESIGN leaves open, and why:
 - Router: plain float32 torch (sigmoid scores, top-k on scores + e_score_correction_bias, weights =
   chosen scores, normalised if norm_topk_prob, times routed_scaling_factor). No DeepSeek group-limited
   routing: the config has no n_group / topk_group.
-- The self-attention is recomputed over the whole prefix each step (no self-attention KV cache): the
-  prefix is at most 3 tokens, the context K/V (the big one) is computed once per user.
+- Beam search decodes incrementally (``decode_step``): each step computes only the new decoder position
+  and keeps every beam's self-attention K/V of the earlier ones; the context K/V is computed once per
+  user. ``forward_logits`` / ``forward_levels`` recompute the whole prefix (at most 3 tokens).
 
 Recording: ``with model.recording() as rec:`` collects name -> list of tensors: "context.kv.{j}"
-(U, S, G, D) per chunk, "model.layers.{n}" (N, T, d) block outputs, "model.layers.{n}.mlp.gate"
+(U, S, G, D) per chunk, "model.layers.{n}" (N, T, d) block outputs of the positions computed (T = 1
+per step inside beam search), "model.layers.{n}.mlp.gate"
 (tokens, E) router scores of MoE layers, "lm_heads.{i}" (N, K) float32 logits.
 """
 
@@ -248,12 +250,26 @@ class OneRecModel:
                        kv: ContextKV | None = None) -> torch.Tensor:
         """Next-level logits (N, K) float32 given the chosen IDs ``prefix`` (N, t), t < levels; row r
         belongs to user ``user_index[r]`` of ``ctx``. Pass ``kv`` (from encode_context) to reuse it."""
+        kv = kv if kv is not None else self.encode_context(ctx)
+        return self.decode_step(kv, prefix, user_index)[0]
+
+    def decode_step(self, kv: ContextKV, prefix: torch.Tensor, user_index: torch.Tensor,
+                    past: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        """Incremental form of forward_logits for beam search: ``past`` holds each layer's
+        self-attention (k, v) (N, p, G, D) of the first p decoder positions (None: p = 0), so only
+        positions p..t are computed. Returns (logits (N, K), past extended to t + 1 positions); reorder
+        the rows of ``past`` with ``reorder_past`` when beams are re-ranked."""
         t = prefix.shape[1]
         if not 0 <= t < self.cfg.num_semantic_levels:
             raise ValueError(f"prefix length {t} must be < {self.cfg.num_semantic_levels}")
-        kv = kv if kv is not None else self.encode_context(ctx)
-        h = self._decode(kv, self._decoder_tokens(prefix), user_index.to(self.device))
-        return self._head(h[:, t], t)
+        start = 0 if past is None else past[0][0].shape[1]
+        tokens = self._decoder_tokens(prefix)[:, start:]
+        h, past = self._decode(kv, tokens, user_index.to(self.device), past)
+        return self._head(h[:, -1], t), past
+
+    @staticmethod
+    def reorder_past(past: tuple, rows: torch.Tensor) -> tuple:
+        return tuple((k[rows], v[rows]) for k, v in past)
 
     def forward_levels(self, ctx: ContextBatch | None, items: torch.Tensor, user_index: torch.Tensor,
                        kv: ContextKV | None = None) -> torch.Tensor:
@@ -261,7 +277,7 @@ class OneRecModel:
         ``items`` (N, levels) (the last level's ID is not used). One pass over [BOS, s1, s2]."""
         levels = self.cfg.num_semantic_levels
         kv = kv if kv is not None else self.encode_context(ctx)
-        h = self._decode(kv, self._decoder_tokens(items[:, :levels - 1]), user_index.to(self.device))
+        h, _ = self._decode(kv, self._decoder_tokens(items[:, :levels - 1]), user_index.to(self.device))
         return torch.stack([self._head(h[:, i], i) for i in range(levels)], dim=1)
 
     def _decoder_tokens(self, prefix: torch.Tensor) -> torch.Tensor:
@@ -274,12 +290,16 @@ class OneRecModel:
         bos = torch.zeros(n, 1, dtype=torch.int64, device=self.device)
         return torch.cat([bos, prefix + offs], dim=1)
 
-    def _decode(self, kv: ContextKV, tokens: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
+    def _decode(self, kv: ContextKV, tokens: torch.Tensor, user_index: torch.Tensor,
+                past: tuple | None = None) -> tuple[torch.Tensor, tuple]:
+        """Decoder positions p..p+T-1 given ``tokens`` (N, T) and the self-attention K/V of positions
+        < p in ``past``: -> (h (N, T, d), past extended to p + T positions)."""
         cfg, be, eps = self.cfg, self.backend, self.cfg.rms_norm_eps
         n, t = tokens.shape
         hq, g, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         groups = _UserGroups(user_index, kv.lengths.shape[0])
         h = F.embedding(tokens, self.embed)  # (N, T, d)
+        new_past = []
         for i, blk in enumerate(self.layers):
             l = cfg.kv_set_of_layer(i)
             q = be.norm_linear(h, blk.cross_norm, eps, blk.cross_q).view(n, t, hq, dh)
@@ -287,13 +307,27 @@ class OneRecModel:
             h = h + be.linear(a.reshape(n, t, hq * dh), blk.cross_o)
             x = be.rms_norm(h, blk.self_norm, eps)
             q, k, v = (be.linear(x, w) for w in (blk.q, blk.k, blk.v))
-            a = be.self_attention(q.view(n, t, hq, dh), k.view(n, t, g, dh), v.view(n, t, g, dh))
+            k, v = k.view(n, t, g, dh), v.view(n, t, g, dh)
+            if past is not None:
+                k, v = torch.cat([past[i][0], k], dim=1), torch.cat([past[i][1], v], dim=1)
+            new_past.append((k, v))
+            a = self._self_attention(q.view(n, t, hq, dh), k, v)
             h = h + be.linear(a.reshape(n, t, hq * dh), blk.o)
             x = be.rms_norm(h, blk.post_norm, eps)
             h = h + (self._moe(x, blk.mlp, i) if isinstance(blk.mlp, MoE) else
                      be.swiglu_mlp(x, blk.mlp.gate, blk.mlp.up, blk.mlp.down))
             self._record(f"model.layers.{i}", h)
-        return h
+        return h, tuple(new_past)
+
+    def _self_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention of the last T positions (q (N, T, H, D)) over all P >= T positions of k/v.
+        The backend's op is square (q and k of one length), so earlier query rows are zero-padded in
+        and dropped after: at most 2 extra rows, and the op keeps its simple contract."""
+        n, t, hq, dh = q.shape
+        p = k.shape[1]
+        if p > t:
+            q = torch.cat([q.new_zeros(n, p - t, hq, dh), q], dim=1)
+        return self.backend.self_attention(q, k, v)[:, p - t:]
 
     def _moe(self, x: torch.Tensor, moe: MoE, layer: int) -> torch.Tensor:
         """DeepSeek-V3 routing: x (N, T, d) -> (N, T, d)."""
