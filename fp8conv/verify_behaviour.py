@@ -223,7 +223,9 @@ def _layer_stats(recorded: dict) -> tuple[LayerStat, ...]:
         if _LAYER.match(name):
             out.append(LayerStat(name, rel_error(cand, ref), s, _minus(prev_sqnr, s), noise - prev_noise))
             prev_sqnr, prev_noise = s, noise
-        else:  # context K/V and heads are not links of the residual chain: their own noise is theirs
+        elif name.startswith("model.layers."):  # router scores: fed by the residual stream so far
+            out.append(LayerStat(name, rel_error(cand, ref), s, math.nan, noise - prev_noise))
+        else:  # the context K/V is computed from exact inputs: all of its noise is its own
             out.append(LayerStat(name, rel_error(cand, ref), s, math.nan, noise))
     return tuple(out)
 
