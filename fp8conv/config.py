@@ -73,6 +73,16 @@ class OneRecConfig:
                             f"[1, n_routed_experts={self.n_routed_experts}]")
         if self.n_shared_experts not in (0, 1):
             raise UserError("config.json: n_shared_experts must be 0 or 1")
+        for name in ("rms_norm_eps", "routed_scaling_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise UserError(f"config.json: '{name}' must be a positive number, got {v!r}")
+        if not isinstance(self.norm_topk_prob, bool):
+            raise UserError(f"config.json: 'norm_topk_prob' must be true or false, got {self.norm_topk_prob!r}")
+        if self.codebook_size ** self.num_semantic_levels >= 2**63:
+            # beam search packs an item's IDs into one int64 key (fp8conv/runtime/beam.py)
+            raise UserError(f"config.json: codebook_size ** num_semantic_levels "
+                            f"({self.codebook_size}**{self.num_semantic_levels}) does not fit in int64")
         if self.torch_dtype not in ("bfloat16", "float16", "float32"):
             raise UserError(f"config.json: torch_dtype must be bfloat16, float16 or float32, "
                             f"got {self.torch_dtype!r}")

@@ -33,14 +33,16 @@ def emit_json(obj) -> None:
 
 
 class _PlainProgress:
-    """Plain lines, at most one every `every` seconds, plus the last one."""
+    """Plain lines, at most one every `every` seconds, plus the last one (none when quiet)."""
 
-    def __init__(self, desc: str, total: float, unit: str, every: float = 2.0):
-        self.desc, self.total, self.unit, self.every = desc, total, unit, every
+    def __init__(self, desc: str, total: float, unit: str, every: float = 2.0, quiet: bool = False):
+        self.desc, self.total, self.unit, self.every, self.quiet = desc, total, unit, every, quiet
         self.done, self.t0, self.last = 0.0, time.monotonic(), 0.0
 
     def advance(self, n: float = 1, info: str = "") -> None:
         self.done += n
+        if self.quiet:
+            return
         now = time.monotonic()
         if now - self.last >= self.every or self.done >= self.total:
             self.last = now
@@ -62,7 +64,7 @@ class _RichProgress:
 def progress(desc: str, total: float, unit: str = "items", quiet: bool = False) -> Iterator:
     """``with progress("quantize", total_bytes, "B") as p: p.advance(n, info=name)``."""
     if quiet:
-        yield _PlainProgress(desc, total, unit, every=float("inf"))
+        yield _PlainProgress(desc, total, unit, quiet=True)
         return
     if not is_tty():
         yield _PlainProgress(desc, total, unit)

@@ -185,3 +185,16 @@ def test_doc_tensor_table_matches_spec(name):
         if name == "4b":
             assert _eval_shape(shape_4b, c) == shape, (tensor, shape_4b)
         assert recipe.scheme_for(tensor, shape) == scheme, tensor
+
+
+@pytest.mark.parametrize("key,value", [("rms_norm_eps", "abc"), ("rms_norm_eps", -1.0),
+                                       ("routed_scaling_factor", None), ("norm_topk_prob", 1),
+                                       ("codebook_size", 2**22)])
+def test_scalar_fields_validated(key, value):
+    from fp8conv.config import PRESETS, OneRecConfig
+    from fp8conv.errors import UserError
+
+    d = PRESETS["tiny"].to_dict()
+    d[key] = value
+    with pytest.raises(UserError, match=key if key != "codebook_size" else "codebook_size"):
+        OneRecConfig.from_dict(d)
