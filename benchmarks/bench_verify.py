@@ -1,11 +1,15 @@
 """The figures of issue 3 §4, measured on the bundled example: FP8 vs FP16 beam top-1 agreement,
 Recall@10 / NDCG@10 of both, per-layer SQNR, and the wall time of `fp8conv verify` on the CPU.
 
-    python benchmarks/bench_verify.py [--workdir DIR] [--beam 64] [--repeat 3] [--json OUT]
+    python benchmarks/bench_verify.py [--workdir DIR] [--beam 32] [--repeat 3] [--json OUT] [--analyse]
 
 Writes the example (`fp8conv example`), quantizes it (`fp8conv quantize`), then times the whole
 command `fp8conv verify EXAMPLE EXAMPLE-FP8 --json` in a fresh process (imports included, as a CI job
 sees it), `--repeat` times, and prints one line per run and the figures of the last.
+
+--analyse: where the top-1 disagreements come from. The same beam comparison for (a) REF in fp16 vs
+REF in fp32 activations (no FP8 at all: the floor of rounding noise), (b) FP8 with fp32 activations,
+and (c) hybrids with FP8 in one layer or one kind of weight only (the rest FP16), one line each.
 """
 
 from __future__ import annotations
@@ -35,6 +39,55 @@ def prepare(work: Path) -> tuple[Path, Path]:
         if r.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stderr}")
     return ref, cand
+
+
+def analyse(ref: Path, cand: Path, beam: int) -> list[str]:
+    """One line per comparison: top-1 agreement (literal and within the tie margin), regret, Recall@10."""
+    import re
+
+    import torch
+
+    from fp8conv.runtime.beam import beam_search, load_catalogue, recall_at_k
+    from fp8conv.runtime.inputs import sample_contexts
+    from fp8conv.runtime.loader import read_checkpoint
+    from fp8conv.runtime.model import OneRecModel
+    from fp8conv.verify_behaviour import beam_agreement, cand_scores_by_ref
+
+    cfg, t_ref = read_checkpoint(ref)
+    _, t_fp8 = read_checkpoint(cand)
+    ctx = sample_contexts(ref, cfg)
+    cat = load_catalogue(ref, cfg.codebook_size)
+
+    def model(tensors, dtype):
+        return OneRecModel(cfg, tensors, dtype=dtype)
+
+    def hybrid(pick):  # FP8 tensors where pick(name), FP16 elsewhere
+        return {n: (t_fp8[n] if pick(n) else t_ref[n]) for n in t_ref}
+
+    def line(label, ref_model, cand_model):
+        with torch.inference_mode():
+            r = beam_search(ref_model, ctx, beam, 10, cat)
+            c = beam_search(cand_model, ctx, beam, 10, cat)
+            sc = cand_scores_by_ref(ref_model, ctx, r.items, r.scores.double().cpu(), c.items)
+        b = beam_agreement(r.items, c.items, r.scores.double().cpu(), sc, beam, 0.1)
+        return (f"{label:<44} | top-1 {100 * b.top1_agreement:6.2f}% | within tie {100 * b.top1_agreement_within_tie:6.2f}% "
+                f"| regret {b.regret:.4f} | Recall@10 {recall_at_k(r.items, ctx.labels, 10):.4f} -> "
+                f"{recall_at_k(c.items, ctx.labels, 10):.4f}")
+
+    out = ["comparison (REF -> CAND, 400 held-out users) | top-1 identical | within 0.1 nat | regret nats | Recall@10"]
+    fp16, fp32 = torch.float16, torch.float32
+    ref16, ref32 = model(t_ref, fp16), model(t_ref, fp32)
+    out.append(line("FP16 fp32-act -> FP16 fp16-act (no FP8)", ref32, ref16))
+    out.append(line("FP16 fp16-act -> FP8 fp16-act (verify)", ref16, model(t_fp8, fp16)))
+    out.append(line("FP16 fp32-act -> FP8 fp32-act", ref32, model(t_fp8, fp32)))
+    kinds = {"attention": r"\.(self_attn|cross_attn)\.", "routed experts": r"\.experts\.",
+             "dense FFN + shared expert": r"\.mlp\.(shared_experts\.)?(gate|up|down)_proj"}
+    for label, pat in kinds.items():
+        out.append(line(f"FP8 {label} only, fp16-act", ref16, model(hybrid(lambda n: re.search(pat, n)), fp16)))
+    for layer in range(cfg.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        out.append(line(f"FP8 layer {layer} only, fp16-act", ref16, model(hybrid(lambda n: n.startswith(prefix)), fp16)))
+    return out
 
 
 def timed_verify(ref: Path, cand: Path, beam: int) -> tuple[float, int, dict]:
@@ -70,9 +123,10 @@ def figures(rep: dict) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--beam", type=int, default=64)
+    ap.add_argument("--beam", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None, help="also write the last report here")
+    ap.add_argument("--analyse", action="store_true", help="also run the top-1 disagreement analysis")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_verify."))
     work.mkdir(parents=True, exist_ok=True)
@@ -91,6 +145,9 @@ def main() -> None:
         print(line)
     if args.json:
         args.json.write_text(json.dumps(rep, indent=2))
+    if args.analyse:
+        for line in analyse(ref, cand, args.beam):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def _grouped_gemm_block_fp8_kernel(
     stride_am, stride_asm, stride_be, stride_bn, stride_bse, stride_bsn, stride_cm, stride_csm,
     # meta
     TOPK: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
-    A_TMA: tl.constexpr, B_TMA: tl.constexpr,
+    A_TMA: tl.constexpr, B_TMA: tl.constexpr, SPLIT_GU: tl.constexpr,
     ALIGN_M: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -172,30 +172,57 @@ def _grouped_gemm_block_fp8_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     if not A_TMA:
         a_ptrs = a_ptr + a_row[:, None] * stride_am + offs_k[None, :]
-    if not B_TMA:
+    if not B_TMA and not SPLIT_GU:
         b_ptrs = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     as_ptrs = as_ptr + a_row * stride_asm
     bs_ptrs = bs_ptr + expert * stride_bse + (offs_n // BLOCK_K) * stride_bsn
     nmask = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, tl.cdiv(K, BLOCK_K)):
-        kmask = (offs_k + kb * BLOCK_K) < K
-        if A_TMA:  # rows contiguous in padded order; zero-filled past K
-            a = a_ptr.load([pid_m * BLOCK_M, kb * BLOCK_K])
-        else:
+    if SPLIT_GU:
+        # gate and up as two (BLOCK_M, 128) accumulators, one 128x128 weight block each per K step:
+        # scalar block scales and no reshuffle of a 256-wide accumulator in the epilogue
+        HALF: tl.constexpr = BLOCK_N // 2
+        row0 = expert * N + pid_n * BLOCK_N
+        if not B_TMA:
+            offs_h = tl.arange(0, HALF)
+            bg_ptrs = b_ptr + row0 * stride_bn + offs_h[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
+        bs_g = bs_ptr + expert * stride_bse + (2 * pid_n) * stride_bsn
+        g = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        u = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            kmask = (offs_k + kb * BLOCK_K) < K
             a = tl.load(a_ptrs + kb * BLOCK_K, mask=valid[:, None] & kmask[None, :], other=0.0)
-        if B_TMA:  # [E*N, K] view; rows past this expert's N only feed masked-out columns
-            b = b_ptr.load([(expert * N + pid_n * BLOCK_N).to(tl.int32), kb * BLOCK_K])
-        else:
-            b = tl.load(b_ptrs + kb * BLOCK_K, mask=nmask[:, None] & kmask[None, :], other=0.0)
-        sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)
-        sb = tl.load(bs_ptrs + kb, mask=nmask, other=0.0)
-        # block scales change every K block, so each block's product is scaled before accumulation
-        acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+            if B_TMA:
+                bg = b_ptr.load([row0.to(tl.int32), kb * BLOCK_K])
+                bu = b_ptr.load([(row0 + HALF).to(tl.int32), kb * BLOCK_K])
+            else:
+                bg = tl.load(bg_ptrs + kb * BLOCK_K, mask=kmask[None, :], other=0.0)
+                bu = tl.load(bg_ptrs + HALF * stride_bn + kb * BLOCK_K, mask=kmask[None, :], other=0.0)
+            sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)
+            sg = tl.load(bs_g + kb)
+            su = tl.load(bs_g + stride_bsn + kb)
+            g += tl.dot(a, bg.T) * (sa * sg)[:, None]
+            u += tl.dot(a, bu.T) * (sa * su)[:, None]
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            kmask = (offs_k + kb * BLOCK_K) < K
+            if A_TMA:  # rows contiguous in padded order; zero-filled past K
+                a = a_ptr.load([pid_m * BLOCK_M, kb * BLOCK_K])
+            else:
+                a = tl.load(a_ptrs + kb * BLOCK_K, mask=valid[:, None] & kmask[None, :], other=0.0)
+            if B_TMA:  # [E*N, K] view; rows past this expert's N only feed masked-out columns
+                b = b_ptr.load([(expert * N + pid_n * BLOCK_N).to(tl.int32), kb * BLOCK_K])
+            else:
+                b = tl.load(b_ptrs + kb * BLOCK_K, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            sa = tl.load(as_ptrs + kb, mask=valid, other=0.0)
+            sb = tl.load(bs_ptrs + kb, mask=nmask, other=0.0)
+            # block scales change every K block, so each block's product is scaled before accumulation
+            acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
 
     if SWIGLU:
-        # tile columns = [gate block, up block] of one 128-row block pair
-        g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        if not SPLIT_GU:
+            # tile columns = [gate block, up block] of one 128-row block pair
+            g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
         # round like the reference: gate/up outputs, then SwiGLU's, in the activation dtype
         if ACT == 0:
             g, u = round_to(g, tl.bfloat16), round_to(u, tl.bfloat16)
@@ -225,7 +252,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
                            sorted_ids: torch.Tensor, block_expert: torch.Tensor, *, topk: int,
                            swiglu: bool, out_dtype: torch.dtype = torch.bfloat16, align_m: int | None = None,
                            num_valid: int | None = None, config: KernelConfig | None = None, out=None,
-                           use_tma: bool = True):
+                           use_tma: bool = True, split_gate_up: bool = True):
     """Block-scaled FP8 grouped GEMM over expert-sorted rows, one launch for all experts.
 
     Rows: ``sorted_ids``/``block_expert`` from ``moe_align(topk_ids, E, align_m)``; P = len(sorted_ids).
@@ -239,6 +266,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
       a_scale (P, ceil(K'/128)); returns y (T*topk, N) ``out_dtype``, row sorted_ids[p] = expert output.
     out: optional preallocated contiguous outputs of those shapes ((h_q, h_scale) or y).
     use_tma: load B (and the down GEMM's A) through TMA descriptors when K % 16 == 0 (default).
+    split_gate_up: gate/up as two 128-wide accumulators (default) instead of one 256-wide one.
     Strides: a, a_scale unit column stride. Any K (masked); BLOCK_K must be 128; swiglu needs
     BLOCK_N == 256; BLOCK_M must divide align_m (default: config.BLOCK_M).
     """
@@ -289,7 +317,8 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     TD = _tensor_descriptor() if use_tma else None
     b_tma = TD is not None and k % 16 == 0
     a_tma = TD is not None and not swiglu and a.is_contiguous() and a.shape[1] % 16 == 0
-    b_arg = TD.from_tensor(b.view(e * n, k), [cfg.BLOCK_N, cfg.BLOCK_K]) if b_tma else b
+    b_rows = cfg.BLOCK_N // 2 if (swiglu and split_gate_up) else cfg.BLOCK_N  # split: one block per load
+    b_arg = TD.from_tensor(b.view(e * n, k), [b_rows, cfg.BLOCK_K]) if b_tma else b
     a_arg = TD.from_tensor(a, [cfg.BLOCK_M, cfg.BLOCK_K]) if a_tma else a
     _grouped_gemm_block_fp8_kernel[grid](
         a_arg, a_scale, b_arg, b_scale, sorted_ids, block_expert, c, cs,
@@ -297,6 +326,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
         a.stride(0), a_scale.stride(0), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
         c.stride(0), cs.stride(0),
         TOPK=topk, GATHER=swiglu, SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], A_TMA=a_tma, B_TMA=b_tma,
+        SPLIT_GU=swiglu and split_gate_up,
         ALIGN_M=align_m,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -104,6 +104,24 @@ def test_experts_dispatch_and_cache_under_interpreter():
     assert all(src == "default" or isinstance(src, str) for src in be.config_sources.values())
 
 
+def _pair_lin(n, k, g):
+    """The same weight as an FP8 channel Linear and as a bf16 Linear."""
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    q, s = fp8.quantize_channel(w)
+    return Linear(q.cuda(), s.cuda(), "w"), Linear(w.to(torch.bfloat16).cuda(), None, "w")
+
+
+def _pair_experts(e, i, d, g):
+    def one(rows, cols):
+        ws = [torch.randn(rows, cols, generator=g) * cols ** -0.5 for _ in range(e)]
+        qs = [fp8.quantize_block(w) for w in ws]
+        return (torch.stack(ws).to(torch.bfloat16).cuda(), torch.stack([q for q, _ in qs]).cuda(),
+                torch.stack([s for _, s in qs]).cuda())
+
+    (gb, gq, gs), (ub, uq, us), (db, dq, ds) = one(i, d), one(i, d), one(d, i)
+    return Experts(gq, uq, dq, gs, us, ds, "moe"), Experts(gb, ub, db, name="moe")
+
+
 @pytest.mark.cuda
 def test_model_like_sequence_cuda():
     """One pre-norm block at the 4b preset's widths: attention projections, dense SwiGLU, MoE."""
@@ -111,26 +129,31 @@ def test_model_like_sequence_cuda():
     d, inter, e, k, t = 1408, 3840, 53, 3, 300
     be, ref = TritonBackend(), ReferenceBackend()
     norm_w = (1 + 0.1 * torch.randn(d, generator=g)).cuda()
-    q, o = _lin(d, d, g), _lin(d, d, g)
-    gate, up, down = _lin(inter, d, g), _lin(inter, d, g), _lin(d, inter, g)
-    ex = _experts(e, d, d, g)
+    (q, qb), (o, ob) = _pair_lin(d, d, g), _pair_lin(d, d, g)
+    (gate, gb), (up, ub), (down, db) = _pair_lin(inter, d, g), _pair_lin(inter, d, g), _pair_lin(d, inter, g)
+    ex, exb = _pair_experts(e, d, d, g)
     h = torch.randn(t, d, generator=g).cuda().to(torch.bfloat16)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).cuda()
     w = torch.rand(t, k, generator=g).cuda()
-    outs = {}
-    for name, b in (("triton", be), ("ref", ref)):
-        x = h
-        # each op on the same input for both backends: the 1e-3 gate per op
-        steps = [b.norm_linear(x, norm_w, 1e-6, q), b.linear(x, o), b.swiglu_mlp(x, gate, up, down),
-                 b.experts(x, ids, w, ex)]
-        # and a chained sequence
-        y = x + b.linear(b.norm_linear(x, norm_w, 1e-6, q), o)
+
+    def block(b, q, o, gate, up, down, ex):
+        y = h + b.linear(b.norm_linear(h, norm_w, 1e-6, q), o)
         y = y + b.swiglu_mlp(b.rms_norm(y, norm_w, 1e-6), gate, up, down)
-        y = y + b.experts(b.rms_norm(y, norm_w, 1e-6), ids, w, ex)
-        outs[name] = (steps, y)
-    # norm_linear and linear quantize their input once: the kernel gate. swiglu_mlp and experts
-    # quantize a GEMM's output again: the chained gate (kernels/testing.py says why)
-    for i, (a, r) in enumerate(zip(outs["triton"][0], outs["ref"][0])):
-        check(a, r, tol=TOL if i < 2 else TOL_CHAINED, what=f"op {i}")
-    check(outs["triton"][1], outs["ref"][1], tol=TOL_CHAINED, what="chained block")
+        return y + b.experts(b.rms_norm(y, norm_w, 1e-6), ids, w, ex)
+
+    # each op on the same input: the kernel gate where the op quantizes its input once (norm_linear,
+    # linear); the chained gate where it quantizes a GEMM's output again (kernels/testing.py says why)
+    for i, (name, fn, tol) in enumerate([
+            ("norm_linear", lambda b: b.norm_linear(h, norm_w, 1e-6, q), TOL),
+            ("linear", lambda b: b.linear(h, o), TOL),
+            ("swiglu_mlp", lambda b: b.swiglu_mlp(h, gate, up, down), TOL_CHAINED),
+            ("experts", lambda b: b.experts(h, ids, w, ex), TOL_CHAINED)]):
+        check(fn(be), fn(ref), tol=tol, what=name)
+    # the whole block re-quantizes five times: the fast path must stay well inside FP8's own error,
+    # i.e. closer to the FP8 reference than that reference is to the bf16 model
+    y_fast = block(be, q, o, gate, up, down, ex)
+    y_ref = block(ref, q, o, gate, up, down, ex)
+    y_bf16 = block(ref, qb, ob, gb, ub, db, exb)
+    fp8_err = metrics.mean_rel_error(y_ref, y_bf16)
+    check(y_fast, y_ref, tol=0.6 * fp8_err, what=f"chained block (FP8 reference vs bf16: {fp8_err:.2e})")
     assert be.calls["experts.fp8"] == 2 and be.calls["swiglu_mlp.fp8"] == 2
