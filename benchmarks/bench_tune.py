@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--beam", type=int, default=512)
     ap.add_argument("--budget-minutes", type=float, default=10.0)
-    ap.add_argument("--candidates", type=int, default=16)
+    ap.add_argument("--candidates", type=int, default=24)
     ap.add_argument("--cache", type=Path, required=True, help="an empty folder (the run must start cold)")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("--json-out", type=Path, default=None)

@@ -26,7 +26,7 @@ import click
               help="Folder to write (and, with --show, to search first); default $FP8CONV_TUNING_CACHE, "
                    "else ~/.cache/fp8conv/tuning_cache [env FP8CONV_TUNING_CACHE].")
 @click.option("--force", is_flag=True, help="Retune shapes already in the cache for this GPU/Triton/torch.")
-@click.option("--candidates", "keep", type=int, default=16, show_default=True,
+@click.option("--candidates", "keep", type=int, default=24, show_default=True,
               help="At most this many candidate configs per shape (after the cost model).")
 @click.option("--show", is_flag=True, help="List what the caches hold and, with CKPT/--preset, what each "
                                             "shape would use and at which fallback level. Needs no GPU.")

@@ -114,7 +114,7 @@ def _relevant(p: Problem, c: KernelConfig) -> bool:
     return c.BLOCK_M <= m_cap and c.BLOCK_N <= n_cap and c.BLOCK_K <= k_cap
 
 
-def candidates(p: Problem, lim: Limits, keep: int = 16, slack: float = 1.5) -> list[KernelConfig]:
+def candidates(p: Problem, lim: Limits, keep: int = 24, slack: float = 2.0) -> list[KernelConfig]:
     """At most ``keep`` configs that fit and whose estimate is within ``slack`` x the best one's, spread
     over tile shapes, cheapest first; the default always comes first."""
     default = default_config(p.kernel, p.m, p.n, p.k)
@@ -133,10 +133,11 @@ def candidates(p: Problem, lim: Limits, keep: int = 16, slack: float = 1.5) -> l
 
 def _diverse(ranked: list[KernelConfig], keep: int) -> list[KernelConfig]:
     """The model cannot tell warps or GROUP_M apart, so the plain top-k would be one tile shape in many
-    variants. Take the best config of each tile shape first, then the second best of each, ..."""
+    variants. Take the best config of each (tile shape, GROUP_M) first (GROUP_M moved the H100's times
+    by up to 1.5x at equal tiles), then the second best of each, ..."""
     by_tile: dict[tuple, list[KernelConfig]] = {}
     for c in ranked:
-        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K), []).append(c)
+        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M), []).append(c)
     out: list[KernelConfig] = []
     for rank in itertools.count():
         row = [cs[rank] for cs in by_tile.values() if rank < len(cs)]

@@ -6,9 +6,8 @@ dequantized float32 reference (rounded where the kernel rounds) by mean |out-ref
 output buffer is poisoned (NaN) before each checked launch, so a candidate that leaves an element
 unwritten fails instead of inheriting the previous candidate's answer.
 
-Timing (``cuda_timer``): median of CUDA-event timings. A launch shorter than ``graph_below_us`` is
-captured ``inner`` times in a CUDA graph and the graph replayed, so host launch overhead does not hide
-the kernel. The weights are rotated over enough copies to exceed twice the L2 cache, so a weight is
+Timing (``cuda_timer``): median of CUDA-event timings of a CUDA graph holding ``inner`` launches, so
+the host's launch overhead is never counted. The weights are rotated over enough copies to exceed twice the L2 cache, so a weight is
 read from HBM as in serving (where every layer has its own) rather than from a warm L2.
 """
 
@@ -31,9 +30,14 @@ OUT_DTYPE = torch.bfloat16
 
 # -- timer --------------------------------------------------------------------------------------------
 
-def cuda_timer(fn: Callable[[], object], reps: int = 15, graph_below_us: float = 300.0,
-               target_us: float = 2000.0) -> float:
-    """Median seconds of one ``fn()`` on the current CUDA stream (see the module docstring)."""
+def cuda_timer(fn: Callable[[], object], reps: int = 15, target_us: float = 2000.0) -> float:
+    """Median seconds of one ``fn()`` on the current CUDA stream (see the module docstring).
+
+    Always through a CUDA graph of ``inner`` launches (>= the weight rotation's period, about
+    ``target_us`` of work): timing single eager launches between events would add the host's launch
+    overhead (~0.1 ms for a Triton launcher building TMA descriptors) to every kernel that finishes
+    before the next launch is issued. If a launch cannot be captured, the launches are queued back to
+    back instead, so the host overhead is paid once per measurement, not once per launch."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,20 +46,21 @@ def cuda_timer(fn: Callable[[], object], reps: int = 15, graph_below_us: float =
         fn()
     end.record()
     end.synchronize()
-    est_us = start.elapsed_time(end) * 1e3 / 3
+    est_us = start.elapsed_time(end) * 1e3 / 3  # an upper bound: includes host overhead
     period = int(getattr(fn, "period", 1))
-    if est_us < graph_below_us:
-        try:
-            return _graph_median(fn, est_us, period, reps, target_us, start, end)
-        except RuntimeError:  # a launch that cannot be captured: time it eagerly (host overhead included)
-            torch.cuda.synchronize()
+    try:
+        return _graph_median(fn, est_us, period, reps, target_us, start, end)
+    except RuntimeError:  # a launch that cannot be captured
+        torch.cuda.synchronize()
+    inner = int(min(1024, max(3, period, math.ceil(target_us / max(est_us, 1.0)))))
     times = []
     for _ in range(reps):
         start.record()
-        fn()
+        for _ in range(inner):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / inner)
     return statistics.median(times) / 1e3
 
 

@@ -101,7 +101,7 @@ class Result:
 
 
 def search(problem: Problem, configs: list[KernelConfig], bench: Bench, timer: Timer, *, tol: float = TOL,
-           patience: int = 6, min_gain: float = 0.01, deadline: float | None = None,
+           patience: int = 8, min_gain: float = 0.01, deadline: float | None = None,
            clock: Callable[[], float] = time.monotonic,
            on_trial: Callable[[Result, Trial], None] | None = None) -> Result:
     """Tune one problem over ``configs`` (the default first). See the module docstring."""
@@ -207,7 +207,7 @@ def record(root: Path, device: str, p: Problem, entry: cache.Entry,
 
 def run_targets(targets: list[Problem], root: Path, device: str, bench: Bench, timer: Timer,
                 make_candidates: Callable[[Problem], list[KernelConfig]], *, triton: str, torch: str,
-                budget_s: float | None = None, force: bool = False, tol: float = TOL, patience: int = 6,
+                budget_s: float | None = None, force: bool = False, tol: float = TOL, patience: int = 8,
                 clock: Callable[[], float] = time.monotonic,
                 on_start: Callable[[int, Problem, int], None] | None = None,
                 on_trial: Callable[[Result, Trial], None] | None = None,

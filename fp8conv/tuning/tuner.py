@@ -53,7 +53,7 @@ def geomean(xs) -> float | None:
 # -- tune ---------------------------------------------------------------------------------------------
 
 def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, *, force: bool = False,
-         keep: int = 16, patience: int = 6, quiet: bool = False, bench=None, timer=None,
+         keep: int = 24, patience: int = 8, quiet: bool = False, bench=None, timer=None,
          device: str | None = None, lim=None) -> dict:
     """Tune every target of ``src`` at ``load`` into ``out_dir``; returns the report. ``bench``, ``timer``,
     ``device`` and ``lim`` default to this CUDA GPU's (the tests inject fakes)."""
