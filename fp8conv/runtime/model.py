@@ -362,6 +362,8 @@ class _UserGroups:
 
     def __init__(self, user_index: torch.Tensor, num_users: int):
         self.n, self.u = user_index.shape[0], num_users
+        if self.n and (int(user_index.min()) < 0 or int(user_index.max()) >= num_users):
+            raise ValueError(f"user_index must lie in [0, {num_users}) (the users of the context batch)")
         counts = torch.bincount(user_index, minlength=num_users)
         self.uniform = bool((counts == counts[0]).all()) and bool((user_index[1:] >= user_index[:-1]).all())
         if not self.uniform:
