@@ -60,28 +60,29 @@ _scratch = _Scratch()
 
 
 def _scale(amax: torch.Tensor) -> torch.Tensor:
-    scale = amax / FP8_MAX
+    # Divide by a tensor, not the Python number 448: on CUDA, torch turns division by a scalar into
+    # multiplication by its (inexact) reciprocal, which changes some scales in the last bit and then
+    # the FP8 codes of ties (measured on an H100, torch 2.11). Tensor / tensor is true division.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return scale.masked_fill_(amax == 0, 1.0)
 
 
 def _dequant(q: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, float]:
     """q (fp8) -> (v, f) with v * f the float32 values of q; v is written into ``out``.
 
-    On the CPU, e4m3fn bits are moved into float16 bits (sign to bit 15, exponent and mantissa shifted
-    left by 7): that float16 is exactly the fp8 value / 256 (the exponent biases differ by 8), normal
-    or subnormal, and widening float16 is fast. The caller folds f = 256 into its scale multiply,
-    which is exact (a power of two). NaN never occurs: values are clamped before the cast."""
+    On the CPU, e4m3fn bits are moved into float16 bits: the byte, sign-extended to 16 bits and shifted
+    left by 7, has the exponent and mantissa where float16 keeps them and the sign at bit 15; bit 14
+    (a copy of the sign) is cleared. That float16 is exactly the fp8 value / 256 (the exponent biases
+    differ by 8), normal or subnormal, and widening float16 is fast. The caller folds f = 256 into its
+    scale multiply, which is exact (a power of two). NaN never occurs: values are clamped before the
+    cast."""
     if q.device.type != "cpu":
         return out.copy_(q), 1.0
-    b = q.view(torch.uint8).numpy()
+    b = q.view(torch.int8).numpy()
     h = _u16(b.size).reshape(b.shape)
-    sign = _u16(b.size, "sign").reshape(b.shape)
-    np.copyto(h, b, casting="unsafe")
-    np.bitwise_and(h, 0x80, out=sign)
-    h &= 0x7F
+    np.copyto(h, b, casting="unsafe")  # int8 -> int16 sign-extends
     h <<= 7
-    sign <<= 8
-    h |= sign
+    h &= np.int16(-16385)  # 0xBFFF
     out.copy_(torch.from_numpy(h).view(torch.float16))
     return out, 256.0
 
@@ -92,7 +93,7 @@ _u16_bufs = threading.local()
 def _u16(numel: int, slot: str = "h") -> np.ndarray:
     buf = getattr(_u16_bufs, slot, None)
     if buf is None or buf.size < numel:
-        buf = np.empty(numel, dtype=np.uint16)
+        buf = np.empty(numel, dtype=np.int16)
         setattr(_u16_bufs, slot, buf)
     return buf[:numel]
 
