@@ -166,11 +166,16 @@ def _fp8_scratch(numel: int, device: torch.device) -> torch.Tensor:
 
 
 def _stats(amax: torch.Tensor, diff: torch.Tensor, x: torch.Tensor) -> ChunkStats:
-    d, v = diff.reshape(-1), x.reshape(-1)
-    # float64 sums of float32 squares: a chunk is small, and chunks are added in float64 in order
-    noise = torch.dot(d.double(), d.double()) if d.device.type != "cpu" else torch.dot(d, d).double()
-    signal = torch.dot(v.double(), v.double()) if v.device.type != "cpu" else torch.dot(v, v).double()
-    return ChunkStats(float(amax.max()), float(noise), float(signal))
+    """Sums of squares: float32 dot products along each row (error ~1e-9 relative for rows of a few
+    thousand), rows added in float64. One float32 dot over a whole 2 MB chunk would be off by ~1e-6."""
+    return ChunkStats(float(amax.max()), _sumsq(diff), _sumsq(x))
+
+
+def _sumsq(t: torch.Tensor) -> float:
+    t = t.reshape(t.shape[0], -1)
+    if t.device.type != "cpu":
+        return float(torch.sum(t.double() ** 2))
+    return float(torch.linalg.vecdot(t, t).double().sum())
 
 
 def combine(stats: list[ChunkStats]) -> dict:
