@@ -8,6 +8,7 @@ through ``interrupt_on_sigterm``) does the same.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import math
 import os
@@ -15,6 +16,7 @@ import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,7 +88,7 @@ def convert_file(fplan: FilePlan, out_path: Path, device: str, threads: int, sta
     sha = hashlib.sha256()
     writer = StreamWriter(out_path, fplan.out_entries(), fplan.header.metadata)
     reader_t = _Stage(lambda: _read(fplan, inq, sha), stop, "fp8conv-reader")
-    writer_t = _Stage(lambda: _write(writer, outq), stop, "fp8conv-writer")
+    writer_t = _Stage(lambda: _write(writer, outq, stats), stop, "fp8conv-writer")
     pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="fp8conv-quant")
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # parallelism comes from the pool; one thread per op keeps sums in order
@@ -96,7 +98,8 @@ def convert_file(fplan: FilePlan, out_path: Path, device: str, threads: int, sta
         progress.advance(fplan.header.data_start, info=fplan.name)
         for t in fplan.tensors:
             buf = _get(inq, reader_t)
-            outq.put(_convert(fplan, t, buf, device, pool, stats), _nbytes_out(t))
+            # the writer waits for the chunks while this loop already submits the next tensor's
+            outq.put(_submit(fplan, t, buf, device, pool), buf.numel() + _nbytes_out(t))
             progress.advance(buf.numel(), info=t.name)
             del buf
         outq.put(_END, 0)
@@ -142,11 +145,13 @@ def _read(fplan: FilePlan, q: _ByteQueue, sha) -> None:
         os.close(fd)
 
 
-def _write(writer: StreamWriter, q: _ByteQueue) -> None:
+def _write(writer: StreamWriter, q: _ByteQueue, stats: dict) -> None:
     while True:
         item = q.get()
         if item is _END:
             return
+        if isinstance(item, _Pending):
+            item = item.finish(stats)
         for name, data in item:
             writer.write(name, data)
 
@@ -159,20 +164,53 @@ def _as_bytes(t: torch.Tensor):
     return t.reshape(-1).view(torch.uint8).numpy()
 
 
-def _convert(fplan: FilePlan, t: TensorPlan, buf: torch.Tensor, device: str, pool, stats: dict) -> list:
+@dataclass
+class _Pending:
+    """A tensor being quantized on the pool: the writer thread finishes it, in file order."""
+
+    path: Path
+    t: TensorPlan
+    source: torch.Tensor  # keeps the source bytes alive until every chunk is done
+    q: torch.Tensor
+    s: torch.Tensor
+    results: list  # futures of ChunkStats, or ChunkStats
+
+    def finish(self, stats: dict) -> list:
+        st = combine([r.result() if hasattr(r, "result") else r for r in self.results])
+        if not math.isfinite(st["amax"]):
+            raise UserError(f"{self.path}: tensor {self.t.name!r} holds NaN or Inf values; "
+                            f"it cannot be quantized")
+        # 6 significant digits: the sums' last bits depend on the device's summation order, and the
+        # manifest must be byte-identical whether the conversion ran on the CPU or a GPU
+        stats[self.t.name] = {"amax": st["amax"], "rel_error": _round(st["rel_error"]),
+                              "sqnr_db": _round(st["sqnr_db"])}
+        q, s = self.q.cpu(), self.s.cpu()
+        return [(self.t.name, _as_bytes(q)), (self.t.name + SCALE_SUFFIX, _as_bytes(s))]
+
+
+def _submit(fplan: FilePlan, t: TensorPlan, buf: torch.Tensor, device: str, pool):
     if t.scheme == "keep":
         return [(t.name, buf.numpy())]  # the source bytes, untouched
     n, k = t.shape
     w = buf.view(torch_dtype(t.dtype)).view(n, k)
-    q, s, st = quantize_tensor(w, t.scheme, device, pool)
-    if not (math.isfinite(st["amax"])):
-        raise UserError(f"{fplan.header.path}: tensor {t.name!r} holds NaN or Inf values; "
-                        f"it cannot be quantized")
-    # 6 significant digits: the sums' last bits depend on the device's summation order, and the
-    # manifest must be byte-identical whether the conversion ran on the CPU or a GPU
-    stats[t.name] = {"amax": st["amax"], "rel_error": _round(st["rel_error"]),
-                     "sqnr_db": _round(st["sqnr_db"])}
-    return [(t.name, _as_bytes(q)), (t.name + SCALE_SUFFIX, _as_bytes(s))]
+    if device != "cpu":  # one synchronous whole-tensor pass on the GPU
+        w = w.to(device)
+    q, s, jobs = _chunk_jobs(w, t.scheme)
+    results = [pool.submit(j) for j in jobs] if device == "cpu" else [j() for j in jobs]
+    return _Pending(fplan.header.path, t, buf, q, s, results)
+
+
+def _chunk_jobs(w: torch.Tensor, scheme: str):
+    n, k = w.shape
+    q = torch.empty((n, k), dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty(scale_shape(scheme, (n, k)), dtype=torch.float32, device=w.device)
+    if scheme == "channel":
+        jobs = [functools.partial(quantize_channel_chunk, w[a:b], q[a:b], s[a:b])
+                for a, b in row_chunks(scheme, n, k, w.device.type)]
+    else:
+        jobs = [functools.partial(quantize_block_chunk, w[a:b], q[a:b], s[a // BLOCK: -(-b // BLOCK)])
+                for a, b in row_chunks(scheme, n, k, w.device.type)]
+    return q, s, jobs
 
 
 def _round(x: float | None) -> float | None:
@@ -180,24 +218,12 @@ def _round(x: float | None) -> float | None:
 
 
 def quantize_tensor(w: torch.Tensor, scheme: str, device: str = "cpu", pool=None):
-    """w [N, K] -> (q fp8 [N, K], scale float32, stats) on the CPU; row chunks run on ``pool``."""
-    n, k = w.shape
+    """w [N, K] -> (q fp8 [N, K], scale float32, stats), returned on the CPU; chunks run on ``pool``."""
     if device != "cpu":
         w = w.to(device)
-    q = torch.empty((n, k), dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty(scale_shape(scheme, (n, k)), dtype=torch.float32, device=w.device)
-
-    def job(rows: tuple[int, int]):
-        a, b = rows
-        if scheme == "channel":
-            return quantize_channel_chunk(w[a:b], q[a:b], s[a:b])
-        return quantize_block_chunk(w[a:b], q[a:b], s[a // BLOCK: -(-b // BLOCK)])
-
-    chunks = row_chunks(scheme, n, k, w.device.type)
-    results = list(pool.map(job, chunks)) if pool is not None and len(chunks) > 1 else list(map(job, chunks))
-    if device != "cpu":
-        q, s = q.cpu(), s.cpu()
-    return q, s, combine(results)
+    q, s, jobs = _chunk_jobs(w, scheme)
+    results = list(pool.map(lambda j: j(), jobs)) if pool is not None else [j() for j in jobs]
+    return q.cpu(), s.cpu(), combine(results)
 
 
 @contextmanager
