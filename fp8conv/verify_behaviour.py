@@ -214,7 +214,7 @@ def _layer_stats(recorded: dict) -> tuple[LayerStat, ...]:
             return 1, int(m.group(1)), m.group(2) == "", name
         return (0 if name.startswith("context.") else 2), 0, False, name
 
-    out, prev_sqnr, prev_noise = [], math.inf, 0.0
+    out, prev_sqnr, prev_noise = [], math.nan, 0.0  # layer 0 has no previous layer: drop is nan
     for name in sorted(recorded, key=order):
         ref = torch.cat([a for a, _ in recorded[name]])
         cand = torch.cat([b for _, b in recorded[name]])

@@ -20,6 +20,10 @@ def _f(x: float | None, fmt: str = ".2f") -> str:
     return format(x, fmt)
 
 
+def _rel(ref: float, cand: float) -> str:
+    return f"{100 * (cand - ref) / ref:+.2f}% relative" if ref else "n/a"
+
+
 def summary_lines(r: VerifyReport) -> list[str]:
     """The headline facts, one per line (shared by both renderings)."""
     c = r.contexts
@@ -44,9 +48,8 @@ def summary_lines(r: VerifyReport) -> list[str]:
                  f"{bm.regret:.4f} nats")
     if b.rec is not None:
         rc = b.rec
-        lines.append(f"Recall@{rc.k} {rc.recall_ref:.4f} -> {rc.recall_cand:.4f} "
-                     f"(drop {100 * rc.recall_drop:.2f}%), NDCG@{rc.k} {rc.ndcg_ref:.4f} -> {rc.ndcg_cand:.4f} "
-                     f"(drop {100 * rc.ndcg_drop:.2f}%)")
+        lines.append(f"Recall@{rc.k} {rc.recall_ref:.4f} -> {rc.recall_cand:.4f} ({_rel(rc.recall_ref, rc.recall_cand)}), "
+                     f"NDCG@{rc.k} {rc.ndcg_ref:.4f} -> {rc.ndcg_cand:.4f} ({_rel(rc.ndcg_ref, rc.ndcg_cand)})")
     return lines
 
 
