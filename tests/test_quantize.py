@@ -193,3 +193,20 @@ def test_memory_does_not_grow_with_the_checkpoint(big_ckpt, tmp_path):
                       "--json"])
     growth = peak - base
     assert growth < 0.5 * size, f"peak RSS grew {growth / 1e6:.0f} MB for a {size / 1e6:.0f} MB checkpoint"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+def test_cuda_math_matches_cpu_bit_for_bit(scheme):
+    from fp8conv.quantize_stream import quantize_tensor
+
+    vals = torch.arange(0, 127, dtype=torch.uint8).view(numerics.FP8_DTYPE).float()
+    ties = torch.cat([(vals[1:] + vals[:-1]) / 2, -(vals[1:] + vals[:-1]) / 2])  # round-half-even cases
+    assert torch.equal(ties.to(numerics.FP8_DTYPE).view(torch.uint8),
+                       ties.cuda().to(numerics.FP8_DTYPE).cpu().view(torch.uint8))
+    for (shape, dtype) in itertools.product(SHAPES, DTYPES):
+        w = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.03).to(dtype)
+        q1, s1, a = quantize_tensor(w, scheme)
+        q2, s2, b = quantize_tensor(w, scheme, "cuda")
+        assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2), (shape, dtype)
+        assert f"{a['rel_error']:.6g}" == f"{b['rel_error']:.6g}", (shape, dtype)
