@@ -207,7 +207,7 @@ def _layer_of(tensor: str) -> str:
 
 def run_verify(opts: VerifyOptions) -> VerifyReport:
     from fp8conv import ui
-    from fp8conv.verify_behaviour import _Clock, compare_behaviour
+    from fp8conv.verify_behaviour import _Clock
     from fp8conv.verify_weights import Checkpoint, check_weights, read_manifest
 
     clock = _Clock()

@@ -148,6 +148,7 @@ def beam_agreement(items_ref: torch.Tensor, items_cand: torch.Tensor, score_ref:
 
     Within-tie statistics forgive a difference only where REF itself can barely tell the items apart
     (REF's scores within ``tie_margin`` nats): such flips follow from any rounding, FP8 or not."""
+    items_ref, items_cand = items_ref.cpu(), items_cand.cpu()  # the scores are on the CPU
     u, n = items_ref.shape[0], items_ref.shape[1]
     top1 = (items_ref[:, 0] == items_cand[:, 0]).all(-1)  # (U,)
     gap1 = (score_ref[:, 0] - score_cand[:, 0]).nan_to_num(0.0)  # REF's preference for its own top-1

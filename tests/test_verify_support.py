@@ -3,33 +3,11 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from fp8conv import numerics as fp8
 from fp8conv.config import preset
-
-def quantization_config(groups_targets: dict[str, list[str]]) -> dict:
-    groups = {}
-    if groups_targets.get("channel"):
-        groups["group_0"] = {"targets": groups_targets["channel"],
-                             "weights": {"num_bits": 8, "type": "float", "strategy": "channel",
-                                         "symmetric": True, "dynamic": False},
-                             "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
-                                                   "symmetric": True, "dynamic": True}}
-    if groups_targets.get("block"):
-        groups["group_1"] = {"targets": groups_targets["block"],
-                             "weights": {"num_bits": 8, "type": "float", "strategy": "block",
-                                         "block_structure": [128, 128], "symmetric": True, "dynamic": False},
-                             "input_activations": {"num_bits": 8, "type": "float", "strategy": "group",
-                                                   "group_size": 128, "symmetric": True, "dynamic": True}}
-    return {"quant_method": "compressed-tensors", "format": "float-quantized",
-            "quantization_status": "compressed", "ignore": [], "config_groups": groups}
-
 
 ROUTER_RECIPE = """name = "router_too"
 default = "error"

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 
 from fp8conv import numerics as fp8
 from fp8conv.verify_weights import Checkpoint, check_weights, design_keep_reason, read_manifest
-from test_verify_support import edit_tensors, quantization_config, tiny_ref, write_fp8
+from fp8conv.compressed_tensors import build_quantization_config
+from test_verify_support import edit_tensors, tiny_ref, write_fp8
 
 L = "model.layers.2"  # a MoE layer of the tiny preset (layer 0 is dense)
 MODES = [True, False]  # with / without the manifest
@@ -119,8 +120,8 @@ def test_transposed_square_block_scale_is_named(tmp_path, manifest):
     cand = tmp_path / "cand"
     cand.mkdir()
     save_file({name: q, name + "_scale": s.t().contiguous()}, str(cand / "model.safetensors"))
-    (cand / "config.json").write_text(json.dumps({"quantization_config": quantization_config(
-        {"block": [name[: -len(".weight")]]})}))
+    (cand / "config.json").write_text(json.dumps({"quantization_config": build_quantization_config(
+        {name[: -len(".weight")]: "block"})}))
     if manifest:
         write_manifest_for(ref, cand)
     rep = run(ref, cand)
