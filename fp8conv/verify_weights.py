@@ -135,9 +135,12 @@ def read_manifest(cand: Path) -> dict | None:
         return None
     try:
         m = json.loads(path.read_text())
-        m["recipe"]["toml"], m["source"]["files"]  # noqa: B018 - presence check
+        ok = isinstance(m["recipe"]["toml"], str) and isinstance(m["source"]["files"], dict)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a valid fp8conv manifest ({e})") from None
+    if not ok:
+        raise UserError(f"{path}: not a valid fp8conv manifest (recipe.toml must be a string and "
+                        f"source.files an object)")
     return m
 
 

@@ -188,3 +188,10 @@ def test_bad_input_exits_2(ref, cand, capsys, tmp_path, case):
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+def test_corrupt_manifest_exits_2(ref, cand, capsys):
+    c = cand()
+    (c / "fp8conv.json").write_text('{"tool": "fp8conv", "recipe": {"name": "x"}}')
+    rc, rep, err = verify(capsys, ref, c, *FAST)
+    assert rc == 2 and "fp8conv.json" in err

@@ -213,3 +213,16 @@ def test_design_keep_list(name, why):
 def test_sqnr_of_clean_block_and_channel_weights_is_finite(ref, fp8_cand):
     rep = run(ref, fp8_cand(False))
     assert all(math.isfinite(v) for v in rep.sqnr_db.values())
+
+
+def test_sharded_checkpoints_are_read_through_the_index(tmp_path):
+    from fp8conv.config import preset
+    from fp8conv.quantize import quantize_checkpoint
+    from fp8conv.synth import write_synthetic_checkpoint
+
+    ref = write_synthetic_checkpoint(tmp_path / "ref", preset("tiny"), dtype="fp16", shard_size=10**6)
+    assert (ref / "model.safetensors.index.json").is_file()
+    cand = tmp_path / "cand"
+    quantize_checkpoint(ref, cand, progress=False)
+    rep = run(ref, cand)
+    assert rep.mode == "bit-exact" and rep.findings == () and rep.quantized == 90
