@@ -241,8 +241,8 @@ def bench_moe(ms, sweep):
         f13 = 2 * rows * 2 * INTER_E * D
         f2 = 2 * rows * D * INTER_E
         rpe = max(1, rows // E)
-        c1 = default_config("fp8_grouped_gemm", rpe, 2 * INTER_E, D)
-        c2 = default_config("fp8_grouped_gemm", rpe, D, INTER_E)
+        c1 = default_config("fp8_grouped_gemm", rpe, 2 * INTER_E, D, gate_up=True)
+        c2 = default_config("fp8_grouped_gemm", rpe, D, INTER_E, gate_up=False)
         align = max(c1.BLOCK_M, c2.BLOCK_M)
         xq, xs = act_quant.per_group_quant(x)
         sid, bexp = gg.moe_align(ids, E, align)

@@ -45,11 +45,11 @@ class TritonBackend(ReferenceBackend):
     def _on(self, x: torch.Tensor) -> bool:
         return x.is_cuda or self._interp
 
-    def _config(self, kernel: str, m: int, n: int, k: int) -> KernelConfig:
-        key = (kernel, m, n, k)
+    def _config(self, kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
+        key = (kernel, m, n, k, gate_up)
         cfg = self._configs.get(key)
         if cfg is None:
-            cfg, src = resolve_config(kernel, m, n, k)
+            cfg, src = resolve_config(kernel, m, n, k, gate_up)
             self._configs[key] = cfg
             self.config_sources[key] = src
         return cfg
@@ -120,6 +120,6 @@ class TritonBackend(ReferenceBackend):
         packed = self._cached((w,), lambda: pack_experts(w.gate, w.up, w.down, *scales))
         t, d = x.shape
         rows = max(1, t * topk_ids.shape[1] // packed.num_experts)
-        cfg1 = self._config(GROUPED, rows, packed.w13.shape[1], d)
-        cfg2 = self._config(GROUPED, rows, d, packed.inter)
+        cfg1 = self._config(GROUPED, rows, packed.w13.shape[1], d, gate_up=True)
+        cfg2 = self._config(GROUPED, rows, d, packed.inter, gate_up=False)
         return fused_experts(x, topk_ids, topk_weights, packed, cfg1, cfg2)

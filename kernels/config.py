@@ -48,9 +48,11 @@ PROMOTE_MIN_K = 2048
 #   BLOCK_N 128. BLOCK_M is also the per-expert padding of the token segments.
 # act_quant: BLOCK_M = rows per program (power of two), num_warps; the other fields are unused.
 
-def default_config(kernel: str, m: int, n: int, k: int) -> KernelConfig:
+def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
     """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "act_quant") at
-    M tokens (rows per expert for the grouped GEMM: total rows / experts), N outputs, K inputs."""
+    M tokens (rows per expert for the grouped GEMM: total rows / experts), N outputs, K inputs.
+    gate_up: for the grouped GEMM, whether this is the fused gate/up GEMM (None: guessed as n > k,
+    true of the packed [E, 2*I, d] weight whenever 2*I > d; callers that know should say)."""
     if kernel == "fp8_gemm":
         if m <= 64:
             return KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
@@ -69,7 +71,7 @@ def default_config(kernel: str, m: int, n: int, k: int) -> KernelConfig:
         # Each K block's product is scaled into the accumulator, so a tile needs two accumulators'
         # worth of registers: 128 x 256 at 8 warps spills (measured 0.27x _grouped_mm on an H100),
         # hence BLOCK_M 64 for the 256-wide gate/up tiles.
-        if n > k:
+        if (n > k) if gate_up is None else gate_up:
             return KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
         # down: 64x128, 4 warps, 3 stages with TMA measured best at 49152 rows (1.16x _grouped_mm bf16)
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
@@ -82,13 +84,13 @@ def default_config(kernel: str, m: int, n: int, k: int) -> KernelConfig:
     raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm' or 'act_quant'")
 
 
-def resolve_config(kernel: str, m: int, n: int, k: int) -> tuple[KernelConfig, str]:
+def resolve_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> tuple[KernelConfig, str]:
     """A tuned config from the tuning cache (issue 5, fp8conv.tuning.lookup) when that module exists
     and has one, else the documented default. Returns (config, source) so callers can report it."""
     try:
         from fp8conv.tuning.lookup import get_config
     except ImportError:
-        return default_config(kernel, m, n, k), "default"
+        return default_config(kernel, m, n, k, gate_up), "default"
     try:
         got = get_config(kernel, n, k, m)
     except Exception as exc:  # a broken cache must not take serving down; say so
@@ -97,7 +99,7 @@ def resolve_config(kernel: str, m: int, n: int, k: int) -> tuple[KernelConfig, s
         warnings.warn(f"tuning lookup failed for {kernel} (m={m}, n={n}, k={k}): {exc}; using the default")
         got = None
     if got is None:
-        return default_config(kernel, m, n, k), "default"
+        return default_config(kernel, m, n, k, gate_up), "default"
     if isinstance(got, tuple):  # (config, source) if the lookup reports where it came from
         cfg = got[0]
         src = str(got[1]) if len(got) > 1 else "tuned"

@@ -271,7 +271,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     BLOCK_N == 256; BLOCK_M must divide align_m (default: config.BLOCK_M).
     """
     cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
-                                   b.shape[1], b.shape[2])
+                                   b.shape[1], b.shape[2], gate_up=swiglu)
     align_m = align_m or cfg.BLOCK_M
     if cfg.BLOCK_K != BLOCK:
         raise ValueError(f"the block-scaled grouped GEMM needs BLOCK_K == 128 (one scale block per K "
@@ -368,8 +368,8 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     k = topk_ids.shape[1]
     e = packed.num_experts
     rows_per_expert = max(1, t * k // e)
-    cfg1 = config_gate_up or default_config(KERNEL_NAME, rows_per_expert, packed.w13.shape[1], d)
-    cfg2 = config_down or default_config(KERNEL_NAME, rows_per_expert, d, packed.inter)
+    cfg1 = config_gate_up or default_config(KERNEL_NAME, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
+    cfg2 = config_down or default_config(KERNEL_NAME, rows_per_expert, d, packed.inter, gate_up=False)
     align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
     xq, xs = per_group_quant(x)
     sorted_ids, block_expert = moe_align(topk_ids, e, align_m)

@@ -127,6 +127,15 @@ def test_stages_against_references(case):
     check(out.cpu(), ref, what="combine")
 
 
+def test_default_grouped_configs_follow_the_role():
+    from fp8conv.kernels.config import default_config
+    # d > 2*I: the gate/up weight has fewer rows than columns, the role still decides
+    assert default_config("fp8_grouped_gemm", 500, 2048, 4096, gate_up=True).BLOCK_N == 256
+    assert default_config("fp8_grouped_gemm", 500, 4096, 1024, gate_up=False).BLOCK_N == 128
+    for gu in (True, False):
+        assert default_config("fp8_grouped_gemm", 1, 256, 128, gate_up=gu).BLOCK_K == 128
+
+
 def test_config_constraints_are_enforced():
     ex = _experts(2, 128, 128, seed=1)
     ids, _ = _routing(3, 2, 1, seed=1)
