@@ -22,7 +22,9 @@ BLOCK = 128
 
 def _scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     amax = amax.float()
-    scale = amax / FP8_MAX
+    # Divide by a tensor, not the Python number: on CUDA torch turns division by a scalar into a
+    # multiplication by its inexact reciprocal, which moves some scales by one ulp.
+    scale = amax / torch.full_like(amax, FP8_MAX)
     return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
