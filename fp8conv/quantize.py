@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from fp8conv import __version__
-from fp8conv.checkpoint import INDEX_NAME, StreamWriter
+from fp8conv.checkpoint import INDEX_NAME
 from fp8conv.compressed_tensors import build_quantization_config, module_name
 from fp8conv.errors import UserError
 from fp8conv.quantize_plan import Plan, make_plan

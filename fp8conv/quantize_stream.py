@@ -97,7 +97,7 @@ def convert_file(fplan: FilePlan, out_path: Path, device: str, threads: int, sta
     try:
         progress.advance(fplan.header.data_start, info=fplan.name)
         for t in fplan.tensors:
-            buf = _get(inq, reader_t)
+            buf = _get(inq)
             # the writer waits for the chunks while this loop already submits the next tensor's
             outq.put(_submit(fplan, t, buf, device, pool), buf.numel() + _nbytes_out(t))
             progress.advance(buf.numel(), info=t.name)
@@ -123,7 +123,7 @@ def convert_file(fplan: FilePlan, out_path: Path, device: str, threads: int, sta
         torch.set_num_threads(prev_threads)
 
 
-def _get(q: _ByteQueue, reader: _Stage):
+def _get(q: _ByteQueue):
     item = q.get()
     if item is _END:  # internal invariant: the reader ends after the last planned tensor
         raise RuntimeError("reader ended early")
