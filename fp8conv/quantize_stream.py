@@ -96,11 +96,11 @@ def convert_file(fplan: FilePlan, out_path: Path, device: str, threads: int, sta
     writer_t.start()
     try:
         progress.advance(fplan.header.data_start, info=fplan.name)
-        for t in fplan.tensors:
+        for i, t in enumerate(fplan.tensors, 1):
             buf = _get(inq)
             # the writer waits for the chunks while this loop already submits the next tensor's
             outq.put(_submit(fplan, t, buf, device, pool), buf.numel() + _nbytes_out(t))
-            progress.advance(buf.numel(), info=t.name)
+            progress.advance(buf.numel(), info=f"{fplan.name} {i}/{len(fplan.tensors)} {t.name}")
             del buf
         outq.put(_END, 0)
         writer_t.join()
