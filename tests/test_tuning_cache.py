@@ -31,6 +31,8 @@ def write(root, entries, kernel="fp8_gemm", n=1408, k=1408, device=H100):
 def _fresh(monkeypatch, tmp_path):
     monkeypatch.delenv(cache.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    shipped = tmp_path / "shipped"  # the real shipped configs must not answer these tests' look-ups
+    monkeypatch.setattr(cache, "shipped_dir", lambda: shipped)
     lookup.clear()
     yield
     lookup.clear()
@@ -179,7 +181,6 @@ def test_env_dir_is_searched_first_then_shipped(tmp_path, monkeypatch):
     monkeypatch.setenv(cache.ENV_VAR, str(env_dir))
     dirs = cache.search_dirs()
     assert dirs[0] == env_dir and dirs[-1] == cache.shipped_dir()
-    assert cache.shipped_dir().name == "tuning_cache"
     write(dirs[1], {32768: entry(CFG_B)})  # the user cache
     write(env_dir, {32768: entry(CFG_A)})
     ch = lookup.lookup("fp8_gemm", 1408, 1408, 32768, device=H100, triton="3.6.0", dirs=dirs)
@@ -204,3 +205,22 @@ def test_get_config_warns_once_per_fallback_and_feeds_resolve_config(tmp_path, m
     assert cfg == default_config("fp8_gemm", 64, 4096, 1408) and src == "default"
     cfg, src = resolve_config("fp8_gemm", 30000, 1408, 1408)  # kernels call (kernel, m, n, k)
     assert cfg == CFG_A and src == "tuned"
+
+
+def test_shipped_h100_configs_are_valid_and_cover_the_4b_preset(monkeypatch):
+    monkeypatch.undo()  # the real package folder
+    from fp8conv.config import preset
+    from fp8conv.tuning import shapes
+
+    root = cache.shipped_dir()
+    assert root.name == "tuning_cache"
+    good, bad = cache.scan(root)
+    assert not bad and good
+    for p in shapes.tuning_targets(shapes.derive(preset("4b"), shapes.Load(batch=32, beam=512))):
+        ch = lookup.lookup(p.kernel, p.n, p.k, p.m, device=H100, triton=ch_triton(good), dirs=[root])
+        assert ch.level == "exact", p.label()
+        assert ch.entry.checked["passed"] and ch.entry.time_us > 0
+
+
+def ch_triton(good):
+    return next(iter(good[0][1].entries.values())).triton

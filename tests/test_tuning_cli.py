@@ -19,6 +19,8 @@ H100 = "NVIDIA H100 80GB HBM3"
 def _isolated(monkeypatch, tmp_path):
     monkeypatch.delenv(cache.ENV_VAR, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    shipped = tmp_path / "shipped"  # the real shipped configs must not answer these tests' look-ups
+    monkeypatch.setattr(cache, "shipped_dir", lambda: shipped)
     lookup.clear()
 
 
@@ -122,9 +124,9 @@ class _FakeDevice:
     baseline_name = "fake baseline"
 
     def setup(self, p):
-        from fp8conv.kernels.config import default_config
+        from fp8conv.tuning.candidates import _default
 
-        self.default = default_config(p.kernel, p.m, p.n, p.k)
+        self.default = _default(p)
 
     def teardown(self):
         pass

@@ -117,7 +117,7 @@ def _relevant(p: Problem, c: KernelConfig) -> bool:
 def candidates(p: Problem, lim: Limits, keep: int = 24, slack: float = 2.0) -> list[KernelConfig]:
     """At most ``keep`` configs that fit and whose estimate is within ``slack`` x the best one's, spread
     over tile shapes, cheapest first; the default always comes first."""
-    default = default_config(p.kernel, p.m, p.n, p.k)
+    default = _default(p)
     pool = []
     for bm, bn, bk, gm, w, s in _space(p):
         c = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
@@ -129,6 +129,12 @@ def candidates(p: Problem, lim: Limits, keep: int = 24, slack: float = 2.0) -> l
         best = min(est[pool[0]], estimate_us(p, default, lim))
         pool = [c for c in pool if est[c] <= slack * best]
     return [default] + _diverse(pool, keep - 1)
+
+
+def _default(p: Problem) -> KernelConfig:
+    if p.kernel == "fp8_grouped_gemm":
+        return default_config(p.kernel, p.m, p.n, p.k, gate_up=p.swiglu)
+    return default_config(p.kernel, p.m, p.n, p.k)
 
 
 def _diverse(ranked: list[KernelConfig], keep: int) -> list[KernelConfig]:
