@@ -35,18 +35,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     for p in (ref, cand):
         shutil.rmtree(p, ignore_errors=True)
     run_or_exit("fp8conv", "example", str(ref))
-    if sh("fp8conv", "quantize", str(ref), str(cand)).returncode != 0:
-        # quantize (as of 2026-11-24) takes the example's contexts/catalogue .safetensors for model
-        # shards: quantize a folder with the model alone, then add the two files back.
-        print("# note: fp8conv quantize refused the example folder; quantizing its model alone")
-        src = work / "model-only"
-        shutil.rmtree(src, ignore_errors=True)
-        src.mkdir()
-        for f in ("model.safetensors", "config.json"):
-            shutil.copy(ref / f, src / f)
-        run_or_exit("fp8conv", "quantize", str(src), str(cand))
-        for f in ("contexts.safetensors", "catalogue.safetensors"):
-            shutil.copy(ref / f, cand / f)
+    run_or_exit("fp8conv", "quantize", str(ref), str(cand))
     return ref, cand
 
 

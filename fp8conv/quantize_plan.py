@@ -148,8 +148,13 @@ def _shard_files(src: Path) -> tuple[list[str], dict[str, str] | None]:
             raise UserError(f"{src}: only pickle weights ({', '.join(pickles)}); fp8conv never unpickles "
                             f"(it can run arbitrary code). Convert them to safetensors first")
         raise UserError(f"{src}: no *.safetensors files and no {INDEX_NAME}")
+    if "model.safetensors" in files:
+        # Hugging Face's single-file name: the model's weights. Other safetensors files beside it (sample
+        # contexts, an item catalogue) are data, copied byte for byte like any non-weight file.
+        return ["model.safetensors"], None
     if len(files) > 1:
-        raise UserError(f"{src}: {len(files)} safetensors files but no {INDEX_NAME} saying which holds what")
+        raise UserError(f"{src}: {len(files)} safetensors files but no {INDEX_NAME} saying which holds what "
+                        f"(and none is named model.safetensors)")
     return files, None
 
 
@@ -184,6 +189,16 @@ def _check_quantizable(h: Header, t, scheme: str) -> None:
         raise UserError(f"{h.path}: tensor {t.name!r} is empty (shape {list(t.shape)}); nothing to quantize")
 
 
+def _holds_weights(path: Path) -> bool:
+    """A safetensors file outside the shard set is copied unless it looks like model weights (a tensor
+    named like a parameter); an unreadable header counts as weights, so it is skipped, not copied."""
+    try:
+        names = read_header(path).names()
+    except UserError:
+        return True
+    return any(n.endswith((".weight", ".bias", "_scale")) for n in names)
+
+
 def _other_files(src: Path, shards: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Every regular file except the shards, the index and config.json (rewritten). Skipped: pickle weight
     files (``pytorch_model*.bin``, ``*.pt`` ...) and safetensors files the index does not name; they
@@ -193,7 +208,9 @@ def _other_files(src: Path, shards: set[str]) -> tuple[tuple[str, ...], tuple[st
         rel = p.relative_to(src).as_posix()
         if not p.is_file() or rel in shards or rel in (INDEX_NAME, "config.json"):
             continue
-        if p.suffix in (".pt", ".pth", ".ckpt", ".safetensors") or (p.suffix == ".bin" and "model" in p.name):
+        if p.suffix == ".safetensors" and not _holds_weights(p):
+            copies.append(rel)  # data beside the model (sample contexts, an item catalogue)
+        elif p.suffix in (".pt", ".pth", ".ckpt", ".safetensors") or (p.suffix == ".bin" and "model" in p.name):
             skipped.append(rel)  # weights the index does not name (or pickles): not part of the output
         else:
             copies.append(rel)

@@ -210,3 +210,21 @@ def test_cuda_math_matches_cpu_bit_for_bit(scheme):
         q2, s2, b = quantize_tensor(w, scheme, "cuda")
         assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2), (shape, dtype)
         assert f"{a['rel_error']:.4g}" == f"{b['rel_error']:.4g}", (shape, dtype)
+
+
+def test_bundled_example_folder_quantizes_and_data_files_are_copied(tmp_path):
+    # `fp8conv example` writes model.safetensors beside contexts.safetensors and catalogue.safetensors:
+    # only model.safetensors holds weights; the others are data and must come through byte for byte.
+    import shutil
+    from importlib.resources import files
+
+    src = tmp_path / "ex"
+    shutil.copytree(str(files("fp8conv.data") / "onerec_example"), src)
+    dst = tmp_path / "ex8"
+    quantize_checkpoint(src, dst, progress=False)
+    for name in ("contexts.safetensors", "catalogue.safetensors"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+    with safe_open(str(dst / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert any(k.endswith(".weight_scale") for k in keys)
+    assert not (dst / "model.safetensors.index.json").exists()

@@ -25,13 +25,8 @@ def example(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("example")
     ref, _ = write_example(root / "onerec-fp16")
-    # quantize sees only the model: the example's contexts/catalogue .safetensors are not shards
-    src = root / "model-only"
-    src.mkdir()
-    for f in ("model.safetensors", "config.json"):
-        shutil.copy(ref / f, src / f)
     cand = root / "onerec-fp8"
-    quantize_checkpoint(src, cand, progress=False)
+    quantize_checkpoint(ref, cand, progress=False)
     return ref, cand
 
 

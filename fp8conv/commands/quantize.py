@@ -46,7 +46,7 @@ def print_summary(r: dict) -> None:
     log(f"  bytes:   {r['bytes_in'] / 1e9:.3f} GB in, {r['bytes_out'] / 1e9:.3f} GB out "
         f"({len(r['files'])} safetensors file(s), {len(r['copied'])} other file(s) copied)")
     if r["skipped"]:
-        log(f"  skipped pickle weight files: {', '.join(r['skipped'])}")
+        log(f"  not converted (pickle or unlisted weight files): {', '.join(r['skipped'])}")
     if r["worst"]:
         log("  worst relative errors:")
         for w in r["worst"]:
