@@ -141,7 +141,7 @@ class ReferenceBackend:
         q (U, Q, H, D): all query rows of user u (beams x positions); k, v (U, S, G, D) with G | H;
         ctx_lens (U,) valid context length per user (positions >= len are masked) -> (U, Q, H, D).
         """
-        u_, s_ = k.shape[0], k.shape[1]
+        s_ = k.shape[1]
         mask = torch.arange(s_, device=q.device)[None, :] < ctx_lens[:, None].to(q.device)  # (U, S)
         return self._sdpa(q, k, v, mask[:, None, None, :])
 
