@@ -165,3 +165,18 @@ def test_record_replaces_a_corrupt_file_and_keeps_its_text(tmp_path):
     assert cache.read(path).entries[32768].config == cfg(0)
     assert path.with_name(path.name + ".bad").read_text() == "not json"
     assert msgs and "corrupt" in msgs[0]
+
+
+def test_concurrent_writers_keep_every_bucket(tmp_path):
+    import threading
+
+    table = {cfg(0): (9e-6, 0.0)}
+    probs = [Problem("fp8_gemm", 1408, 1408, 1 << i, rows=1 << i) for i in range(12)]
+    entries = [search.search(p, list(table), FakeBench(table), fake_timer).entry("3.6.0", "2.11.0") for p in probs]
+    threads = [threading.Thread(target=search.record, args=(tmp_path, DEV, p, e)) for p, e in zip(probs, entries)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = cache.read(cache.cache_path(tmp_path, DEV, "fp8_gemm", 1408, 1408))
+    assert sorted(got.entries) == [1 << i for i in range(12)]

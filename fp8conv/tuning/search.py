@@ -190,9 +190,19 @@ def existing_entry(root: Path, device: str, p: Problem, triton: str, torch: str)
 
 def record(root: Path, device: str, p: Problem, entry: cache.Entry,
            warn: Callable[[str], None] = lambda s: None) -> Path:
-    """Merge ``entry`` into its cache file (read, update, atomic write). A corrupt or foreign file in
-    the way is reported and replaced, its text kept beside it as ``<name>.bad``."""
+    """Merge ``entry`` into its cache file (read, update, atomic write) under an exclusive lock on the
+    device folder, so two tuners writing the same file do not lose each other's buckets. A corrupt or
+    foreign file in the way is reported and replaced, its text kept beside it as ``<name>.bad``."""
+    import fcntl
+
     path = cache.cache_path(root, device, p.kernel, p.n, p.k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return _merge(path, root, device, p, entry, warn)
+
+
+def _merge(path: Path, root: Path, device: str, p: Problem, entry: cache.Entry, warn) -> Path:
     cf = cache.CacheFile(device, p.kernel, p.n, p.k)
     if path.exists():
         try:
