@@ -205,6 +205,7 @@ def test_get_config_warns_once_per_fallback_and_feeds_resolve_config(tmp_path, m
     assert cfg == default_config("fp8_gemm", 64, 4096, 1408) and src == "default"
     cfg, src = resolve_config("fp8_gemm", 30000, 1408, 1408)  # kernels call (kernel, m, n, k)
     assert cfg == CFG_A and src == "tuned"
+    assert lookup.get_choice("fp8_gemm", 1408, 1408, 16).level == "nearest"
 
 
 def test_shipped_h100_configs_are_valid_and_cover_the_4b_preset(monkeypatch):

@@ -165,10 +165,9 @@ def _nearest(cands: list, b: int):
     return min(cands, key=lambda c: (cache.bucket_distance(c[1], b), -c[1]))
 
 
-def get_config(kernel_name: str, n: int, k: int, m: int) -> KernelConfig | None:
-    """What the Triton backend calls (fp8conv.kernels.config.resolve_config): the tuned config for
-    ``kernel_name`` with an [N, K] weight at M tokens (rows per expert for the grouped GEMM) on the
-    current device, or None for the documented default. Fallbacks are warned once."""
+def get_choice(kernel_name: str, n: int, k: int, m: int) -> Choice:
+    """The full look-up result for the current device (memoised per bucket), with its ``level``, so a
+    caller can record where a config came from; fallbacks are warned once."""
     key = (kernel_name, int(n), int(k), cache.bucket(m))
     choice = _choices.get(key)
     if choice is None:
@@ -176,4 +175,12 @@ def get_config(kernel_name: str, n: int, k: int, m: int) -> KernelConfig | None:
         _choices[key] = choice
     if choice.level != "exact":
         _warn_once(("level",) + key, f"tuning cache: {choice.describe()}")
-    return choice.config
+    return choice
+
+
+def get_config(kernel_name: str, n: int, k: int, m: int) -> KernelConfig | None:
+    """What the Triton backend calls (fp8conv.kernels.config.resolve_config): the tuned config for
+    ``kernel_name`` with an [N, K] weight at M tokens (rows per expert for the grouped GEMM) on the
+    current device, or None for the documented default. Fallbacks are warned once; ``get_choice`` says
+    which level answered."""
+    return get_choice(kernel_name, n, k, m).config
