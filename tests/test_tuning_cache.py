@@ -208,20 +208,20 @@ def test_get_config_warns_once_per_fallback_and_feeds_resolve_config(tmp_path, m
     assert lookup.get_choice("fp8_gemm", 1408, 1408, 16).level == "nearest"
 
 
-def test_shipped_h100_configs_are_valid_and_cover_the_4b_preset(monkeypatch):
+@pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
+def test_shipped_configs_are_valid_and_cover_the_4b_preset_and_the_example(monkeypatch, device):
     monkeypatch.undo()  # the real package folder
-    from fp8conv.config import preset
+    from fp8conv.config import load_config, preset
     from fp8conv.tuning import shapes
 
     root = cache.shipped_dir()
     assert root.name == "tuning_cache"
     good, bad = cache.scan(root)
     assert not bad and good
-    for p in shapes.tuning_targets(shapes.derive(preset("4b"), shapes.Load(batch=32, beam=512))):
-        ch = lookup.lookup(p.kernel, p.n, p.k, p.m, device=H100, triton=ch_triton(good), dirs=[root])
-        assert ch.level == "exact", p.label()
-        assert ch.entry.checked["passed"] and ch.entry.time_us > 0
-
-
-def ch_triton(good):
-    return next(iter(good[0][1].entries.values())).triton
+    triton = next(iter(good[0][1].entries.values())).triton
+    example = load_config(os.path.join(os.path.dirname(__file__), "..", "fp8conv", "data", "onerec_example"))
+    for cfg in (preset("4b"), example):
+        for p in shapes.tuning_targets(shapes.derive(cfg, shapes.Load(batch=32, beam=512))):
+            ch = lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
+            assert ch.level == "exact", p.label()
+            assert ch.entry.checked["passed"] and ch.entry.time_us > 0
