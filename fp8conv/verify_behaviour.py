@@ -188,7 +188,8 @@ def replay(ref_model, cand_model, ctx, items_ref: torch.Tensor):
     compare what they record: context K/V, block outputs, router scores, head logits."""
     u, n, levels = items_ref.shape
     m = min(REPLAY_BEAMS, n)
-    items = items_ref[:, :m].reshape(u * m, levels)  # (U*m, levels)
+    # on the CPU, like user_index: beam search may have returned the items on the model's device
+    items = items_ref[:, :m].reshape(u * m, levels).cpu()  # (U*m, levels)
     user_index = torch.arange(u).repeat_interleave(m)
     valid = (items >= 0).all(-1)  # a catalogue may leave a user fewer than m items
     items, user_index = items[valid], user_index[valid]
