@@ -140,15 +140,23 @@ class OneRecConfig:
             raise UserError(f"{source}: {e}") from None
 
 
-def load_config(ckpt_dir: str | Path) -> OneRecConfig:
+def read_config_dict(ckpt_dir: str | Path, why: str = "a checkpoint folder holds config.json") -> dict:
+    """A checkpoint's config.json as a dict (any model type); UserError naming the file otherwise."""
     path = Path(ckpt_dir) / "config.json"
     if not path.is_file():
-        raise UserError(f"{path}: not found (a OneRec-V2 checkpoint folder holds config.json)")
+        raise UserError(f"{path}: not found ({why})")
     try:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
-    return OneRecConfig.from_dict(d, source=str(path))
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return d
+
+
+def load_config(ckpt_dir: str | Path) -> OneRecConfig:
+    d = read_config_dict(ckpt_dir, "a OneRec-V2 checkpoint folder holds config.json")
+    return OneRecConfig.from_dict(d, source=str(Path(ckpt_dir) / "config.json"))
 
 
 PRESETS: dict[str, OneRecConfig] = {

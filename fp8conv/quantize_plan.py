@@ -120,16 +120,9 @@ def make_plan(src: Path, recipe: Recipe) -> Plan:
 
 
 def _read_config(src: Path) -> dict:
-    path = src / "config.json"
-    if not path.is_file():
-        raise UserError(f"{path}: not found (the output's quantization_config goes into config.json)")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return config
+    from fp8conv.config import read_config_dict
+
+    return read_config_dict(src, "the output's quantization_config goes into config.json")
 
 
 def _shard_files(src: Path) -> tuple[list[str], dict[str, str] | None]:

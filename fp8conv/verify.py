@@ -107,14 +107,14 @@ def _nonfinite(token: str):
 
 def check_inputs(opts: VerifyOptions):
     """Step 1: folders and configs. Returns (ref_cfg, cand_cfg_dict). Raises UserError (exit 2)."""
-    from fp8conv.config import OneRecConfig, load_config
+    from fp8conv.config import OneRecConfig, load_config, read_config_dict
 
     for role, path in (("REF", opts.ref), ("CAND", opts.cand)):
         if not path.is_dir():
             raise UserError(f"{role} {path}: not a folder")
     ref_cfg, cand_cfg = load_config(opts.ref), load_config(opts.cand)
-    cand_dict = json.loads((opts.cand / "config.json").read_text())
-    if json.loads((opts.ref / "config.json").read_text()).get("quantization_config"):
+    cand_dict = read_config_dict(opts.cand)
+    if read_config_dict(opts.ref).get("quantization_config"):
         raise UserError(f"REF {opts.ref}: is itself quantized (config.json has quantization_config); "
                         f"REF must be the source-precision checkpoint")
     # CAND may record another activation dtype; everything that shapes the model must agree.
