@@ -37,7 +37,8 @@ def quantize_checkpoint(src, dst, recipe: Recipe | str | None = None, device: st
     """Convert SRC into DST; returns the report (what ``--json`` prints). UserError on bad input."""
     src, dst = Path(src), Path(dst)
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    threads = threads or len(os.sched_getaffinity(0)) or 1  # the cores we may use (taskset, cgroups)
+    if threads is None:
+        threads = len(os.sched_getaffinity(0)) or 1  # the cores we may use (taskset, cgroups)
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
     device = _check_device(device)
@@ -111,6 +112,8 @@ def _make_temp(dst: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.absolute().parent))
     except PermissionError:
         raise UserError(f"{dst.absolute().parent}: not writable (cannot create the output there)") from None
+    except OSError as e:  # a path component is a file, a read-only file system, ...
+        raise UserError(f"{dst.absolute().parent}: cannot create the output there ({e.strerror})") from None
 
 
 def _write_all(plan: Plan, tmp: Path, device: str, threads: int, progress: bool) -> dict:
@@ -188,7 +191,12 @@ def _replace_dir(tmp: Path, dst: Path, force: bool) -> None:
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.absolute().parent))
     os.replace(dst, trash / dst.name)
-    os.replace(tmp, dst)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:  # an error or a signal between the renames: put the old DST back
+        os.replace(trash / dst.name, dst)
+        trash.rmdir()
+        raise
     shutil.rmtree(trash, ignore_errors=True)
 
 

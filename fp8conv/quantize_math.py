@@ -175,7 +175,10 @@ def _sumsq(t: torch.Tensor) -> float:
     t = t.reshape(t.shape[0], -1)
     if t.device.type != "cpu":
         return float(torch.sum(t.double() ** 2))
-    return float(torch.linalg.vecdot(t, t).double().sum())
+    out = float(torch.linalg.vecdot(t, t).double().sum())
+    if not math.isfinite(out):  # a float32 row sum overflowed (|w| above ~1e19): redo it in float64
+        out = float(torch.linalg.vecdot(t.double(), t.double()).sum())
+    return out
 
 
 def combine(stats: list[ChunkStats]) -> dict:

@@ -116,6 +116,9 @@ def make_plan(src: Path, recipe: Recipe) -> Plan:
     index_meta = {}
     if weight_map is not None:
         index_meta = json.loads((src / INDEX_NAME).read_text()).get("metadata") or {}
+        if not isinstance(index_meta, dict):  # DST's index spreads it into its own metadata
+            raise UserError(f"{src / INDEX_NAME}: 'metadata' must be a JSON object, got "
+                            f"{type(index_meta).__name__}")
     return Plan(src, recipe, tuple(plans), weight_map is not None, index_meta, config, copies, skipped)
 
 

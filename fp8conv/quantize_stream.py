@@ -180,6 +180,10 @@ class _Pending:
         if not math.isfinite(st["amax"]):
             raise UserError(f"{self.path}: tensor {self.t.name!r} holds NaN or Inf values; "
                             f"it cannot be quantized")
+        if bool((self.s == 0).any()):  # amax / 448 underflowed: x / 0 would write NaN codes
+            raise UserError(f"{self.path}: tensor {self.t.name!r} has a row or block whose largest |value| "
+                            f"is below 448 * 2^-149 (float32 subnormal): its scale amax / 448 is 0 and it "
+                            f"cannot be quantized; keep it in the recipe")
         # 4 significant digits: the sums' last bits depend on the device's summation order (CPU:
         # float32 row dots, ~1e-9 relative; GPU: float64), and the manifest should be byte-identical
         # whether the conversion ran on the CPU or a GPU (6 digits differed in 1 of ~2000 tensors)

@@ -133,8 +133,11 @@ def write_synthetic_checkpoint(out_dir: str | Path, cfg: OneRecConfig, dtype: st
     shards = plan_shards(sizes, shard_size)
     files = shard_file_names(len(shards))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:  # a path component is a file, a read-only folder, ...
+        raise UserError(f"{out.parent}: cannot create the output there ({e.strerror})") from None
     try:
         bar = _progress(progress, sum(sizes.values()))
         with bar as p:
@@ -180,5 +183,10 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
     os.replace(out, trash / out.name)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except BaseException:  # an error or a signal between the renames: put the old folder back
+        os.replace(trash / out.name, out)
+        trash.rmdir()
+        raise
     shutil.rmtree(trash, ignore_errors=True)

@@ -301,3 +301,66 @@ def test_interrupted_mid_write_leaves_nothing_at_dst(big_ckpt, tmp_path, sig):
     temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
     if sig != signal.SIGKILL:  # SIGKILL cannot be caught: its temporary may remain (documented)
         assert temps == [], proc.stderr.read().decode()
+
+
+def test_f32_row_too_small_for_a_scale_is_named(tmp_path):
+    """A float32 row whose amax / 448 underflows to 0 would divide by 0 and write NaN codes."""
+    tensors = make_tensors(NAMES, dtype=torch.float32)
+    tensors["m.q_proj.weight"][5] = 0
+    tensors["m.q_proj.weight"][5, 1] = 1e-44
+    src = write_ckpt(tmp_path / "src", tensors)
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    _fails(src, tmp_path / "out", "m.q_proj.weight", "scale amax / 448 is 0")
+
+
+def test_huge_weights_give_finite_statistics(tmp_path):
+    """|w| ~ 1e20 (valid bf16) overflowed the float32 sums of squares: the manifest's JSON failed."""
+    tensors = make_tensors(NAMES)
+    tensors["m.q_proj.weight"][7, :4] = 1e20
+    src = write_ckpt(tmp_path / "src", tensors)
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    rc, err = _main(str(src), str(tmp_path / "out"), "--recipe", str(tmp_path / "recipe.toml"))
+    assert rc == 0, err
+    st = json.loads((tmp_path / "out" / "fp8conv.json").read_text())["tensors"]["m.q_proj.weight"]
+    assert st["amax"] > 1e19 and 0 < st["rel_error"] < 1e-9 and 180 < st["sqnr_db"] < 1000
+
+
+def test_index_metadata_not_an_object(good, tmp_path):
+    idx = good / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["metadata"] = ["total_size", 0]
+    idx.write_text(json.dumps(d))
+    _fails(good, tmp_path / "out", "model.safetensors.index.json", "metadata")
+
+
+def test_dst_below_a_file(good, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    rc, err = _main(str(good), str(tmp_path / "afile" / "out"), "--recipe", str(tmp_path / "recipe.toml"))
+    assert rc == 2 and "afile" in err and "cannot create" in err, err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_zero_threads_refused(good, tmp_path):
+    with pytest.raises(UserError, match="--threads"):
+        quantize_checkpoint(good, tmp_path / "out", recipe=str(tmp_path / "recipe.toml"), progress=False,
+                            threads=0)
+
+
+def test_force_interrupted_at_the_rename_keeps_the_old_dst(good, tmp_path, monkeypatch):
+    import fp8conv.quantize as qmod
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = os.replace
+
+    def interrupted(a, b):
+        if Path(a).name.startswith(".out.tmp-"):  # the new output onto DST: Ctrl-C right here
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(qmod.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_checkpoint(good, out, recipe=str(tmp_path / "recipe.toml"), progress=False, force=True)
+    assert (out / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.toml", "src"]

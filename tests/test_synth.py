@@ -138,3 +138,31 @@ def test_cli(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "x"), "--shard-size", "lots"]) == 2
     assert "--shard-size" in capsys.readouterr().err
+
+
+def test_out_below_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="cannot create"):
+        write_synthetic_checkpoint(tmp_path / "afile" / "ck", TINY)
+
+
+def test_force_interrupted_at_the_rename_keeps_the_old_folder(tmp_path, monkeypatch):
+    import os
+
+    import fp8conv.synth as synth
+
+    out = tmp_path / "ck"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real = os.replace
+
+    def interrupted(a, b):
+        if os.path.basename(a).startswith(".ck.tmp-"):
+            raise KeyboardInterrupt
+        return real(a, b)
+
+    monkeypatch.setattr(synth.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_checkpoint(out, TINY, force=True)
+    assert (out / "old.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
