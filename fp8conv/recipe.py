@@ -173,7 +173,7 @@ def load_recipe(path_or_name: str | Path | None = None) -> Recipe:
     if not isinstance(path_or_name, Path) and text_name in builtin_names():
         return Recipe.from_toml(builtin_text(text_name), source=f"built-in recipe {text_name}")
     path = Path(path_or_name)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():  # a pipe is fine: --recipe <(fp8conv recipe show | sed ...)
         raise UserError(f"recipe {text_name!r}: neither a built-in ({', '.join(builtin_names())}) "
                         f"nor a file")
     try:

@@ -125,3 +125,18 @@ def test_recipe_cli(tmp_path):
     p.write_text("name = 'mine'\ndefault = 'keep'\n")
     out = runner.invoke(recipe_cmd, ["show", str(p)])
     assert out.exit_code == 0 and "mine" in out.output
+
+
+def test_recipe_from_a_pipe(tmp_path):
+    """--recipe <(fp8conv recipe show qwen3_moe | sed ...) hands fp8conv a pipe, not a regular file."""
+    import os
+
+    r, w = os.pipe()
+    try:
+        os.write(w, b'name = "piped"\n[[rules]]\npattern = "*"\nscheme = "keep"\n')
+        os.close(w)
+        assert load_recipe(f"/dev/fd/{r}").name == "piped"
+    finally:
+        os.close(r)
+    with pytest.raises(UserError, match="neither a built-in"):
+        load_recipe(tmp_path)  # a folder still is not a recipe
