@@ -90,6 +90,8 @@ def read_header(path: str | Path) -> Header:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: header is not valid JSON ({e})") from None
+    except RecursionError:  # e.g. [[[[...]]]] nested deeper than the JSON parser recurses
+        raise UserError(f"{path}: header is not a safetensors header (JSON nested too deeply)") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: header is not a JSON object")
     metadata = obj.pop("__metadata__", None)
@@ -143,6 +145,8 @@ def read_index(path: str | Path) -> dict[str, str]:
         raise UserError(f"{path}: cannot read ({e.strerror})") from None
     except ValueError as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a shard index (JSON nested too deeply)") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
         raise UserError(f"{path}: 'weight_map' must map tensor names to shard file names")

@@ -149,3 +149,16 @@ def test_stream_writer_refuses_out_of_plan(tmp_path):
     with pytest.raises(RuntimeError):
         w.close()  # closed before every planned tensor came
     assert build_header([], None)[:8] == struct.pack("<Q", len(build_header([], None)) - 8)
+
+
+def test_deeply_nested_json_is_a_user_error(tmp_path):
+    """json.loads raises RecursionError (not ValueError) on [[[[...]]]]: it was a traceback."""
+    deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(UserError, match="model.safetensors"):
+        read_header(p)
+    idx = tmp_path / "model.safetensors.index.json"
+    idx.write_bytes(deep)
+    with pytest.raises(UserError, match="index.json"):
+        read_index(idx)
