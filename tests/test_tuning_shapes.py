@@ -15,10 +15,10 @@ from fp8conv.tuning.cache import bucket
 def test_tiny_preset_shapes_at_batch_32_beam_512():
     cfg = preset("tiny")  # d 128, 4 layers (0 dense), heads 4x32, kv 2x32, SwiGLU 320, 6 experts x 192, top-2, K 200
     probs = shapes.derive(cfg, shapes.Load(batch=32, beam=512))
-    # beam search keeps min(beam, candidates): 32 rows at step 0, then 32 x min(512, 200) = 6400 over a
-    # prefix of 2 tokens, then 32 x min(512, 200 x 200) = 16384 over 3 tokens
+    # beam search keeps min(beam, candidates): 32 rows at step 0, then 32 x min(512, 200) = 6400, then
+    # 32 x min(512, 200 x 200) = 16384; decoding is incremental, so each row is one new token
     assert shapes.step_rows(cfg, shapes.Load(batch=32, beam=512)) == [32, 6400, 16384]
-    tokens = [32, 12800, 49152]
+    tokens = [32, 6400, 16384]
     gemm = {(p.n, p.k) for p in probs if p.kernel == "fp8_gemm"}
     assert gemm == {(128, 128),  # q / o of both attentions (4 x 32 = 128 = d)
                     (64, 128),  # self-attn k / v (2 x 32)
@@ -40,12 +40,44 @@ def test_tiny_preset_shapes_at_batch_32_beam_512():
     assert any(u == "model.layers.*.self_attn.k_proj @ step 1" for p in probs for u in p.uses)
 
 
+def test_derived_token_counts_are_what_beam_search_launches():
+    """derive()'s M of every decoder Linear and expert GEMM equals what the runtime's beam search passes
+    to the backend (a spy on the reference backend; the Triton backend is called with the same shapes)."""
+    from fp8conv.runtime import ops
+    from fp8conv.runtime.beam import beam_search
+    from fp8conv.runtime.inputs import synthetic_contexts
+    from fp8conv.runtime.model import OneRecModel, random_state
+
+    class Spy(ops.ReferenceBackend):
+        def __init__(self):
+            self.linear_m, self.expert_m = set(), set()
+
+        def linear(self, x, w):
+            if w.name.startswith("model.layers.") and ".experts." not in w.name:
+                self.linear_m.add(x.numel() // x.shape[-1])
+            return super().linear(x, w)
+
+        def experts(self, x, topk_ids, topk_weights, w):
+            self.expert_m.add(max(1, topk_ids.numel() // w.num_experts))
+            return super().experts(x, topk_ids, topk_weights, w)
+
+    cfg, load = preset("tiny"), shapes.Load(batch=2, beam=8, top_n=4)
+    spy = Spy()
+    model = OneRecModel(cfg, random_state(cfg), backend=spy)
+    beam_search(model, synthetic_contexts(cfg, load.batch, max_len=8), load.beam, top_n=load.top_n)
+    probs = shapes.derive(cfg, load)
+    assert spy.linear_m == {p.m for p in probs if p.kernel == "fp8_gemm"} == {2, 16}
+    assert spy.expert_m == {p.m for p in probs if p.kernel == "fp8_grouped_gemm"}
+
+
 def test_tuning_targets_one_per_cache_entry():
     cfg = preset("4b")
     targets = shapes.tuning_targets(shapes.derive(cfg, shapes.Load()))
     keys = [p.key for p in targets]
-    assert len(keys) == len(set(keys)) == 21  # 5 Linear shapes x 3 buckets + 2 expert GEMMs x 3 buckets
-    assert {bucket(p.m) for p in targets if p.kernel == "fp8_gemm"} == {32, 32768, 65536}
+    # steps 1 and 2 both decode 32 x 512 rows of one token: 5 Linear shapes x 2 buckets + 2 expert GEMMs
+    # x 2 buckets
+    assert len(keys) == len(set(keys)) == 14
+    assert {bucket(p.m) for p in targets if p.kernel == "fp8_gemm"} == {32, 16384}
     assert {(p.n, p.k) for p in targets if p.kernel == "fp8_grouped_gemm"} == {(2816, 1408), (1408, 1408)}
     # the heaviest first, so a budget-cut run has done the work that matters most
     work = [(p.rows or p.m) * p.n * p.k for p in targets]

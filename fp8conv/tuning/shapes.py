@@ -4,9 +4,9 @@ The shapes follow what the runtime (fp8conv.runtime.model, beam.py) and the Trit
 (fp8conv.kernels.backend) actually launch:
 
 - Beam search runs ``levels`` steps. Step t decodes N_t rows (N_0 = batch, then batch x beam, capped by
-  the candidates that exist) over the whole prefix [BOS, s1, ..] of t + 1 tokens (the self-attention is
-  recomputed, no KV cache), so every decoder Linear sees M_t = N_t x (t + 1) tokens. The heads see N_t
-  rows (only the last position); the context projection sees batch x context tokens once.
+  the candidates that exist). Decoding is incremental (model.decode_step keeps each beam's
+  self-attention K/V): each step computes only the new position, so every decoder Linear sees
+  M_t = N_t tokens. The heads see N_t rows; the context projection sees batch x context tokens once.
 - ``channel`` Linears -> "fp8_gemm" with the [N, K] weight; a SwiGLU whose gate, up and down are all
   ``channel`` runs gate and up as one GEMM with N = 2 x width (the backend concatenates them).
 - ``block`` routed experts -> "fp8_grouped_gemm": gate/up packed as [E, 2 x Ip, d] (Ip = width rounded up
@@ -172,7 +172,7 @@ def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None)
 
     levels = cfg.num_semantic_levels
     for t, n_rows in enumerate(step_rows(cfg, load)):
-        m, step = n_rows * (t + 1), f"step {t}"
+        m, step = n_rows, f"step {t}"  # one new decoder position per row (decode_step)
         for layer in range(cfg.num_hidden_layers):
             p = f"model.layers.{layer}"
             for a in ("cross_attn.q_proj", "cross_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj",
