@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fp8conv.metrics import cosine, kendall_tau, kl_divergence, rel_error, sqnr_db
+from fp8conv.metrics import cosine, kendall_tau, kl_divergence, rel_error
+from fp8conv.verify_weights import finite_sqnr_db
 
 # How many of REF's best beams per user are replayed teacher-forced through both models: 2 x users x 3
 # positions is plenty of rows for per-layer statistics, and replay stays small next to beam search.
@@ -220,16 +221,22 @@ def _layer_stats(recorded: dict) -> tuple[LayerStat, ...]:
     for name in sorted(recorded, key=order):
         ref = torch.cat([a for a, _ in recorded[name]])
         cand = torch.cat([b for _, b in recorded[name]])
-        s = sqnr_db(cand, ref)
+        s = finite_sqnr_db(cand, ref)  # -inf where CAND's output is inf or NaN
         noise = 10 ** (-s / 10) if math.isfinite(s) else (0.0 if s > 0 else math.inf)
         if _LAYER.match(name):
-            out.append(LayerStat(name, rel_error(cand, ref), s, _minus(prev_sqnr, s), noise - prev_noise))
+            out.append(LayerStat(name, rel_error(cand, ref), s, _minus(prev_sqnr, s), _added(noise, prev_noise)))
             prev_sqnr, prev_noise = s, noise
         elif name.startswith("model.layers."):  # router scores: fed by the residual stream so far
-            out.append(LayerStat(name, rel_error(cand, ref), s, math.nan, noise - prev_noise))
+            out.append(LayerStat(name, rel_error(cand, ref), s, math.nan, _added(noise, prev_noise)))
         else:  # the context K/V is computed from exact inputs: all of its noise is its own
             out.append(LayerStat(name, rel_error(cand, ref), s, math.nan, noise))
     return tuple(out)
+
+
+def _added(noise: float, prev: float) -> float:
+    """Noise power a tensor adds to what it inherited; 0 once the stream is already all noise (inf - inf
+    would be NaN, which sorts arbitrarily among the culprits)."""
+    return 0.0 if math.isinf(prev) else noise - prev
 
 
 def _minus(a: float, b: float) -> float:

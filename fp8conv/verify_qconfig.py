@@ -32,7 +32,8 @@ def _matches(module: str, target: str) -> bool:
 
 def _group_problems(name: str, group: dict) -> list[str]:
     """Format checks of one config group (weights and activations as DESIGN's two schemes need)."""
-    w, a = group.get("weights") or {}, group.get("input_activations") or {}
+    w, a = group.get("weights"), group.get("input_activations")
+    w, a = (w if isinstance(w, dict) else {}), (a if isinstance(a, dict) else {})
     out = []
     if w.get("num_bits") != 8 or w.get("type") != "float":
         out.append(f"group {name}: weights must be num_bits 8, type float")
@@ -58,6 +59,8 @@ def check_quantization_config(config: dict, cand, ref_names: list[str]) -> list[
     if not qc:
         return [("config.json", f"{len(quantized)} quantized tensors but no quantization_config")] \
             if quantized else []
+    if not isinstance(qc, dict):
+        return [("config.json", f"quantization_config is not an object ({type(qc).__name__})")]
     out = []
     for key, want in (("quant_method", "compressed-tensors"), ("format", "float-quantized"),
                       ("quantization_status", "compressed")):
@@ -68,12 +71,13 @@ def check_quantization_config(config: dict, cand, ref_names: list[str]) -> list[
         return out + [("config.json", "quantization_config.config_groups is not an object")]
     for gname, group in groups.items():
         out += [("config.json", p) for p in _group_problems(gname, group if isinstance(group, dict) else {})]
-    ignore = list(qc.get("ignore") or [])
+    ignore = _names(qc.get("ignore"))
     for m in modules:
         if m + _WEIGHT not in cand:  # reported as missing by the caller
             continue
-        strategies = {g.get("weights", {}).get("strategy") for g in groups.values()
-                      if isinstance(g, dict) and any(_matches(m, t) for t in g.get("targets") or [])}
+        strategies = {(g.get("weights") if isinstance(g.get("weights"), dict) else {}).get("strategy")
+                      for g in groups.values()
+                      if isinstance(g, dict) and any(_matches(m, t) for t in _names(g.get("targets")))}
         if any(_matches(m, t) for t in ignore):
             strategies = set()
         if len(strategies) > 1:
@@ -86,6 +90,11 @@ def check_quantization_config(config: dict, cand, ref_names: list[str]) -> list[
             out.append((m + _WEIGHT, f"quantization_config says {by_config!r}, the tensor on disk is "
                                      f"{on_disk!r}"))
     return out
+
+
+def _names(x) -> list[str]:
+    """A target or ignore list; anything else (a bare string, a number) matches nothing."""
+    return [t for t in x if isinstance(t, str)] if isinstance(x, list) else []
 
 
 def _scheme_on_disk(cand, module: str) -> str:

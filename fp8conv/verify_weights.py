@@ -241,8 +241,16 @@ def _check_kept(name, w_ref, w_cand, exact: bool) -> list[WeightFinding]:
         return []
     # Another tool may keep a tensor in a wider dtype; only its values must agree.
     if not torch.equal(w_cand.float(), w_ref.float()):
-        return [WeightFinding(name, f"kept tensor differs from REF (SQNR {sqnr_db(w_cand, w_ref):.1f} dB)")]
+        return [WeightFinding(name, f"kept tensor differs from REF (SQNR {finite_sqnr_db(w_cand, w_ref):.1f} dB)")]
     return []
+
+
+def finite_sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """metrics.sqnr_db, but -inf (no signal left) when ``out`` holds inf or NaN: sqnr_db raises on an
+    infinite noise power and returns NaN, which compares False with every threshold, on a NaN one."""
+    if not bool(torch.isfinite(out).all()):
+        return -math.inf
+    return sqnr_db(out, ref)
 
 
 def _dequantized_sqnr(name, w_ref, w_cand, scale, findings) -> float | None:
@@ -256,6 +264,11 @@ def _dequantized_sqnr(name, w_ref, w_cand, scale, findings) -> float | None:
         return None
     if deq.shape != w_ref.shape:
         findings.append(WeightFinding(name, f"shape {list(deq.shape)}, expected {list(w_ref.shape)}", True))
+        return None
+    bad = int((~torch.isfinite(deq)).sum())
+    if bad:  # an inf or NaN scale (or FP8 NaN bytes): SQNR would be NaN or not computable
+        findings.append(WeightFinding(name, f"{bad} of {deq.numel()} dequantized values are not finite "
+                                            f"(inf/NaN weight_scale or FP8 NaN)"))
         return None
     return sqnr_db(deq, w_ref)
 

@@ -9,6 +9,7 @@ test_verify_example.py.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -195,3 +196,19 @@ def test_corrupt_manifest_exits_2(ref, cand, capsys):
     (c / "fp8conv.json").write_text('{"tool": "fp8conv", "recipe": {"name": "x"}}')
     rc, rep, err = verify(capsys, ref, c, *FAST)
     assert rc == 2 and "fp8conv.json" in err
+
+
+def test_non_finite_layer_output_is_a_layer_failure_and_the_first_one_is_the_culprit():
+    """An inf in CAND's recorded output made the SQNR raise (math domain error); a NaN gave NaN, which
+    no threshold catches. Both are -inf now, and only the first non-finite layer adds noise."""
+    from fp8conv.verify_behaviour import _layer_stats, culprit_layers
+
+    ref = torch.ones(4, 8)
+    rec = {"model.layers.0": [(ref, ref * 1.01)], "model.layers.1": [(ref, ref.clone().fill_(math.inf))],
+           "model.layers.2.mlp.gate": [(ref, ref.clone().fill_(math.nan))],
+           "model.layers.2": [(ref, ref.clone().fill_(math.nan))]}
+    stats = {s.name: s for s in _layer_stats(rec)}
+    assert [stats[f"model.layers.{n}"].sqnr_db for n in (1, 2)] == [-math.inf, -math.inf]
+    assert stats["model.layers.1"].contribution == math.inf
+    assert stats["model.layers.2"].contribution == stats["model.layers.2.mlp.gate"].contribution == 0.0
+    assert [s.name for s in culprit_layers(tuple(stats.values()))] == ["model.layers.1"]

@@ -186,6 +186,32 @@ def test_quantization_config_that_disagrees_with_the_tensors(ref, fp8_cand):
     assert "quantization_config says 'keep'" in rep.findings[0].problem
 
 
+@pytest.mark.parametrize("manifest", MODES)
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+def test_non_finite_scale_is_named(ref, fp8_cand, manifest, bad):
+    """Without the manifest an inf scale made the SQNR raise (math domain error) and a NaN one gave a
+    NaN SQNR that passed the threshold; both now name the weight."""
+    cand = fp8_cand(manifest)
+    edit_tensors(cand, lambda t: t[f"{L}.self_attn.q_proj.weight_scale"].__setitem__(0, bad))
+    rep = run(ref, cand)
+    assert f"{L}.self_attn.q_proj.weight" in subjects(rep)
+    assert any("not finite" in f.problem for f in rep.findings)
+    assert subjects(rep) <= {f"{L}.self_attn.q_proj.weight", f"{L}.self_attn.q_proj.weight_scale"}
+
+
+@pytest.mark.parametrize("qc", [5, "x", {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                       "quantization_status": "compressed", "ignore": "lm_heads",
+                                       "config_groups": {"g": {"weights": None, "targets": ["Linear"]}}}],
+                         ids=["int", "str", "null weights"])
+def test_malformed_quantization_config_is_a_finding_not_a_crash(ref, fp8_cand, qc):
+    cand = fp8_cand()
+    cfg = json.loads((cand / "config.json").read_text())
+    cfg["quantization_config"] = qc
+    (cand / "config.json").write_text(json.dumps(cfg))
+    rep = run(ref, cand)
+    assert "config.json" in subjects(rep)
+
+
 def test_missing_and_extra_tensors_are_structural(ref, fp8_cand):
     cand = fp8_cand(False)
 
