@@ -35,6 +35,11 @@ def test_tune_needs_a_source(capsys):
     assert main(["tune", "somewhere", "--preset", "tiny"]) == 2
 
 
+def test_show_with_a_device_name_that_has_no_cache_key_exits_2(capsys):
+    assert main(["tune", "--show", "--preset", "tiny", "--device", "!!!"]) == 2  # was a ValueError traceback
+    assert capsys.readouterr().err.startswith("error: --device")
+
+
 def _entry(m, triton):
     return cache.Entry(KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
                        m, triton, "2.11.0", "2026-11-24", 3.0, 4.0, "torch._scaled_mm (rowwise)", 3.5,

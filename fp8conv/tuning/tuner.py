@@ -152,6 +152,11 @@ def _f(x, nd: int = 1) -> str:
 # -- show -----------------------------------------------------------------------------------------------
 
 def show(src: Source | None, load: shapes.Load, extra_dirs: list[Path], device: str | None) -> dict:
+    if device:
+        try:
+            cache.device_key(device)
+        except ValueError as e:
+            raise UserError(f"--device: {e}") from None
     dirs = cache.search_dirs(extra_dirs)
     files, problems_found, devices = [], [], set()
     for d in dirs:
