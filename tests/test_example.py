@@ -105,3 +105,9 @@ def test_example_cli(tmp_path, capsys):
     assert main(["example", str(out), "--force"]) == 0
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["ex"]  # no temporaries left behind
+
+
+def test_example_into_an_unwritable_place_exits_2(tmp_path, capsys):
+    (tmp_path / "f").write_text("a file, not a folder")
+    assert main(["example", str(tmp_path / "f" / "ex")]) == 2  # was a NotADirectoryError traceback
+    assert "cannot write the example" in capsys.readouterr().err

@@ -41,8 +41,11 @@ def write_example(out_dir: str | Path, force: bool = False) -> tuple[Path, list[
         raise UserError(f"{out}: already exists (use --force to replace it)")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"{out}: cannot write the example ({e})") from None
     try:
         _public_mode(tmp)
         names = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
