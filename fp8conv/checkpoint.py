@@ -218,7 +218,11 @@ class StreamWriter:
         self.path, self.entries = path, entries
         self._next = 0
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        self._write(build_header(entries, metadata))
+        try:
+            self._write(build_header(entries, metadata))
+        except BaseException:  # a full disk already at the header: do not leak the descriptor
+            self.abort()
+            raise
 
     def _write(self, data) -> None:
         view = memoryview(data).cast("B")

@@ -162,3 +162,21 @@ def test_deeply_nested_json_is_a_user_error(tmp_path):
     idx.write_bytes(deep)
     with pytest.raises(UserError, match="index.json"):
         read_index(idx)
+
+
+def test_stream_writer_closes_its_file_when_the_header_fails(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import fp8conv.checkpoint as ck
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(ck.os, "write", full)
+    for i in range(5):
+        with pytest.raises(OSError):
+            StreamWriter(tmp_path / f"o{i}.safetensors", [OutEntry("a", "F32", (2,))], None)
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before
