@@ -58,7 +58,9 @@ def quantize_checkpoint(src, dst, recipe: Recipe | str | None = None, device: st
             raise UserError(f"{dst.parent}: no space left on device while writing the output "
                             f"(it needs about {plan.bytes_out / 1e9:.2f} GB); nothing was written to "
                             f"{dst}") from None
-        raise
+        # a shard removed or unreadable mid-run, an I/O error: name the file, no traceback
+        raise UserError(f"{e.filename or dst}: {e.strerror or e} while writing {dst}; nothing was "
+                        f"written there") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

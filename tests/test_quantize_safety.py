@@ -364,3 +364,21 @@ def test_force_interrupted_at_the_rename_keeps_the_old_dst(good, tmp_path, monke
         quantize_checkpoint(good, out, recipe=str(tmp_path / "recipe.toml"), progress=False, force=True)
     assert (out / "old.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.toml", "src"]
+
+
+def test_shard_vanishing_mid_run_is_named(good, tmp_path, monkeypatch):
+    import fp8conv.quantize_stream as qs
+
+    real = os.open
+    shard = str(_shard(good, 2))
+
+    def gone(path, *a, **k):  # the second shard disappears after validation
+        if str(path) == shard:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", shard)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(qs.os, "open", gone)
+    with pytest.raises(UserError, match=_shard(good, 2).name):
+        quantize_checkpoint(good, tmp_path / "out", recipe=str(tmp_path / "recipe.toml"), progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml", "src"]
