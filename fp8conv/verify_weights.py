@@ -85,6 +85,9 @@ class Checkpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise UserError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{index}: not a valid safetensors index ('weight_map' must map tensor "
+                                f"names to file names)")
             files = sorted(set(weight_map.values()))
         else:  # other *.safetensors (contexts, catalogue) are not model tensors
             files = ["model.safetensors"] if (self.path / "model.safetensors").is_file() else []

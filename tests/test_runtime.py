@@ -111,6 +111,11 @@ def test_sharded_checkpoint_and_broken_index(tmp_path, state, ckpt):
     ctx = _ctx()
     assert torch.equal(ref.forward_levels(ctx, _items(5), torch.arange(5)),
                        got.forward_levels(ctx, _items(5), torch.arange(5)))
+    for bad in ([], {names[0]: 5}):  # a list, a file "name" that is a number: were tracebacks
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": bad}))
+        with pytest.raises(UserError, match="index.json.*weight_map"):
+            load_model(d)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
     (d / "b.safetensors").unlink()
     with pytest.raises(UserError, match=r"b\.safetensors, which does not exist"):
         load_model(d)

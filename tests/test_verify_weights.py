@@ -252,3 +252,13 @@ def test_sharded_checkpoints_are_read_through_the_index(tmp_path):
     quantize_checkpoint(ref, cand, progress=False)
     rep = run(ref, cand)
     assert rep.mode == "bit-exact" and rep.findings == () and rep.quantized == 90
+
+
+@pytest.mark.parametrize("weight_map", [[], "x", {"a": 5}], ids=["list", "str", "int file"])
+def test_malformed_index_is_a_user_error_naming_it(ref, fp8_cand, weight_map):
+    from fp8conv.errors import UserError
+
+    cand = fp8_cand()
+    (cand / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError, match="model.safetensors.index.json"):  # were AttributeError / TypeError
+        Checkpoint(cand, "CAND")

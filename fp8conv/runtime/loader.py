@@ -46,7 +46,7 @@ def tensor_files(ckpt_dir: str | Path) -> dict[str, Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UserError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
-        if not isinstance(weight_map, dict):
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
         files = {name: ckpt_dir / fname for name, fname in weight_map.items()}
         for name, path in files.items():
