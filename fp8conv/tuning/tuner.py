@@ -177,10 +177,15 @@ def show(src: Source | None, load: shapes.Load, extra_dirs: list[Path], device: 
                              "load": {"batch": load.batch, "beam": load.beam, "context": load.context},
                              "devices": {}}
         lookup.clear()
-        for dev in devs:
-            out["checkpoint"]["devices"][dev] = [
-                lookup.lookup(p.kernel, p.n, p.k, p.m, device=dev, dirs=dirs).to_dict() | {"label": p.label()}
-                for p in targets]
+        import warnings
+
+        with warnings.catch_warnings():  # bad files are in "bad_files" (SKIPPED): no second, raw report
+            warnings.simplefilter("ignore", lookup.TuningFallbackWarning)
+            for dev in devs:
+                out["checkpoint"]["devices"][dev] = [
+                    lookup.lookup(p.kernel, p.n, p.k, p.m, device=dev, dirs=dirs).to_dict() | {"label": p.label()}
+                    for p in targets]
+        lookup.clear()  # what was read here was not reported: a later look-up warns afresh
     return out
 
 
