@@ -115,7 +115,8 @@ def test_corrupt_file_is_reported_and_skipped(tmp_path):
     assert ch.level == "exact" and ch.config == CFG_B and ch.path.parent.parent == good_dir
 
 
-@pytest.mark.parametrize("how", ["renamed", "other_device", "wrong_format", "unchecked", "bad_bucket"])
+@pytest.mark.parametrize("how", ["renamed", "other_device", "wrong_format", "unchecked", "bad_bucket",
+                                 "checked_not_an_object"])
 def test_foreign_or_invalid_file_is_skipped(tmp_path, how):
     src = write(tmp_path / "src", {32768: entry()})
     d = json.loads(src.read_text())
@@ -128,6 +129,8 @@ def test_foreign_or_invalid_file_is_skipped(tmp_path, how):
         d["format_version"] = 99
     elif how == "unchecked":
         d["entries"]["32768"]["checked"]["passed"] = False
+    elif how == "checked_not_an_object":  # was an AttributeError traceback out of `tune --show`
+        d["entries"]["32768"]["checked"] = [True]
     else:
         d["entries"]["100"] = d["entries"]["32768"]
     target.parent.mkdir(parents=True)

@@ -115,7 +115,8 @@ class Entry:
     def from_dict(cls, d: dict) -> "Entry":
         if not isinstance(d, dict):
             raise ValueError("entry is not an object")
-        if not (d.get("checked") or {}).get("passed"):
+        checked = d.get("checked")
+        if not isinstance(checked, dict) or not checked.get("passed"):
             raise ValueError("entry's output was not checked against the reference")
         known = {"config", "m", "triton", "torch", "date", "time_us", "default_time_us", "baseline",
                  "baseline_time_us", "checked", "speedup_vs_default", "speedup_vs_baseline"}
@@ -172,7 +173,7 @@ def parse(d: object, path: Path | str) -> CacheFile:
             if bk != bucket(bk):
                 raise ValueError(f"{bk} is not a power of two")
             entries[bk] = Entry.from_dict(e)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # any malformed value
             raise CacheFileError(path, f"entry {b!r}: {exc}") from None
     return CacheFile(str(d["device_name"]), want["kernel"], want["N"], want["K"], entries)
 
