@@ -192,7 +192,11 @@ def _replace_dir(tmp: Path, dst: Path, force: bool) -> None:
         os.replace(tmp, dst)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.absolute().parent))
-    os.replace(dst, trash / dst.name)
+    try:
+        os.replace(dst, trash / dst.name)
+    except BaseException:  # e.g. dst is the current folder (busy): leave no empty trash folder
+        trash.rmdir()
+        raise
     try:
         os.replace(tmp, dst)
     except BaseException:  # an error or a signal between the renames: put the old DST back

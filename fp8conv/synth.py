@@ -182,7 +182,11 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
         return
     trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, trash / out.name)
+    try:
+        os.replace(out, trash / out.name)
+    except BaseException:  # e.g. out is the current folder (busy): leave no empty trash folder
+        trash.rmdir()
+        raise
     try:
         os.replace(tmp, out)
     except BaseException:  # an error or a signal between the renames: put the old folder back

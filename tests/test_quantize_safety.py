@@ -382,3 +382,22 @@ def test_shard_vanishing_mid_run_is_named(good, tmp_path, monkeypatch):
         quantize_checkpoint(good, tmp_path / "out", recipe=str(tmp_path / "recipe.toml"), progress=False)
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.toml", "src"]
+
+
+def test_force_when_dst_cannot_be_moved_leaves_no_trash(good, tmp_path, monkeypatch):
+    """e.g. DST is the current folder (rename gives EBUSY): a clear error and no empty .out.old-*."""
+    import fp8conv.quantize as qmod
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.replace
+
+    def busy(a, b):
+        if Path(a) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy", str(a))
+        return real(a, b)
+
+    monkeypatch.setattr(qmod.os, "replace", busy)
+    with pytest.raises(UserError, match="busy"):
+        quantize_checkpoint(good, out, recipe=str(tmp_path / "recipe.toml"), progress=False, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.toml", "src"]

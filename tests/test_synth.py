@@ -166,3 +166,24 @@ def test_force_interrupted_at_the_rename_keeps_the_old_folder(tmp_path, monkeypa
         write_synthetic_checkpoint(out, TINY, force=True)
     assert (out / "old.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_force_when_out_cannot_be_moved_leaves_no_trash(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import fp8conv.synth as synth
+
+    out = tmp_path / "ck"
+    out.mkdir()
+    real = os.replace
+
+    def busy(a, b):
+        if str(a) == str(out):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(a))
+        return real(a, b)
+
+    monkeypatch.setattr(synth.os, "replace", busy)
+    with pytest.raises(OSError):
+        write_synthetic_checkpoint(out, TINY, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
