@@ -104,6 +104,12 @@ def test_schemes_from_safetensors_headers(tmp_path):
     assert {(p.kernel, p.n, p.k) for p in tunable} == {("fp8_gemm", 128, 128)}
     assert all(u.startswith("model.layers.*.self_attn.q_proj") for p in tunable for u in p.uses)
     assert shapes.read_schemes(tmp_path / "nothing") is None
+    # only the model weights count: contexts / catalogue files beside them are data (and a folder with
+    # only those has no weights), as the runtime loader reads a checkpoint
+    save_file({"tokens": torch.zeros(2, 3, dtype=torch.int64)}, str(tmp_path / "contexts.safetensors"))
+    assert shapes.read_schemes(tmp_path) == schemes
+    (tmp_path / "model.safetensors").unlink()
+    assert shapes.read_schemes(tmp_path) is None
 
 
 def test_bad_load_is_a_user_error():

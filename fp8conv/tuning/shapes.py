@@ -108,9 +108,18 @@ def default_scheme(name: str) -> str:
 
 def read_schemes(ckpt: Path | str) -> dict[str, str] | None:
     """weight name -> scheme from the safetensors headers of ``ckpt`` (headers only, no data), or None
-    if the folder has no safetensors."""
+    if the folder has no model weights file. The weights are the index's shards, else model.safetensors,
+    as the runtime loader reads them: other safetensors beside them (contexts, catalogue) are data."""
     ckpt = Path(ckpt)
-    files = sorted(ckpt.glob("*.safetensors"))
+    index = ckpt / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({ckpt / f for f in weight_map.values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
+    else:
+        files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").is_file() else []
     if not files:
         return None
     shapes: dict[str, tuple[str, tuple[int, ...]]] = {}

@@ -32,7 +32,7 @@ def load_source(ckpt: Path | None, preset: str | None) -> Source | None:
     schemes = shapes.read_schemes(ckpt)
     origin = "safetensors headers (weight_scale shapes)"
     if schemes is None:
-        origin = "built-in OneRec-V2 recipe (no safetensors in the folder)"
+        origin = "built-in OneRec-V2 recipe (no model weights in the folder)"
     elif not any(s != "keep" for s in schemes.values()):
         raise UserError(f"{ckpt}: no FP8 weights (no *.weight_scale): tune an FP8 checkpoint written by "
                         f"`fp8conv quantize`, or use --preset")
