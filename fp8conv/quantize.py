@@ -98,7 +98,8 @@ def _check_space(plan: Plan, dst: Path) -> None:
     free = shutil.disk_usage(parent).free
     need = plan.bytes_out + sum((plan.src / f).stat().st_size for f in plan.copies)
     if free < need:
-        raise UserError(f"{parent}: {free / 1e9:.2f} GB free, the output needs {need / 1e9:.2f} GB")
+        # 3 significant digits: a small output on a nearly full disk read "0.00 GB free, needs 0.00 GB"
+        raise UserError(f"{parent}: {free / 1e9:.3g} GB free, the output needs {need / 1e9:.3g} GB")
 
 
 def _existing_parent(p: Path) -> Path:

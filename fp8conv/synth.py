@@ -118,6 +118,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, cfg: OneRecConfig, dtype: st
     An existing ``out_dir`` is an error unless ``force``; then it is replaced only after the new one
     is complete.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
@@ -153,6 +154,9 @@ def write_synthetic_checkpoint(out_dir: str | Path, cfg: OneRecConfig, dtype: st
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         _fix_modes(tmp)
         _replace_dir(tmp, out)
+    except (OSError, SafetensorError) as e:  # a full disk (safetensors reports it as its own error), ...
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"{out}: cannot write the checkpoint ({e}); nothing was written there") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

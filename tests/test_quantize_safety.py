@@ -271,9 +271,10 @@ def test_full_disk_is_a_clear_error(good, tmp_path, monkeypatch):
 
 def test_free_space_checked_before_writing(good, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1))
-    with pytest.raises(UserError, match="GB free"):
+    with pytest.raises(UserError, match="GB free") as e:
         quantize_checkpoint(good, tmp_path / "out", recipe=str(tmp_path / "recipe.toml"), progress=False)
     assert not (tmp_path / "out").exists()
+    assert "needs 0.00 GB" not in str(e.value)  # a small output's size must still be readable
 
 
 def _start_and_wait_for_temp(src: Path, dst: Path) -> subprocess.Popen:

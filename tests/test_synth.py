@@ -184,6 +184,20 @@ def test_force_when_out_cannot_be_moved_leaves_no_trash(tmp_path, monkeypatch):
         return real(a, b)
 
     monkeypatch.setattr(synth.os, "replace", busy)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="busy"):
         write_synthetic_checkpoint(out, TINY, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as its own SafetensorError: it was a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        write_synthetic_checkpoint(tmp_path / "ck", TINY)
+    assert list(tmp_path.iterdir()) == []
