@@ -113,11 +113,14 @@ def test_catalogue_constrains_and_pads(model, ctx):
     assert cat.contains(small.items[:, :3]).all()
 
 
-def test_catalogue_validation():
+def test_catalogue_validation(model, ctx):
     with pytest.raises(UserError, match="codes"):
         Catalogue(torch.tensor([[0, 1, K]]), K)
     with pytest.raises(UserError, match="int64"):
         Catalogue(torch.zeros(3, 3, dtype=torch.int32), K)
+    with pytest.raises(UserError, match="cat.safetensors: items have 2 semantic IDs each, the model 3"):
+        beam_search(model, ctx, beam_width=4, top_n=2,  # was an IndexError at the last step
+                    catalogue=Catalogue(torch.tensor([[0, 1], [1, 2]]), K, source="cat.safetensors"))
 
 
 def test_recall_and_ndcg_exact_match():

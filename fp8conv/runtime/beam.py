@@ -38,7 +38,7 @@ class Catalogue:
                             f"{items.dtype} {tuple(items.shape)}")
         if int(items.min()) < 0 or int(items.max()) >= codebook_size:
             raise UserError(f"{source}: item codes must lie in [0, {codebook_size})")
-        self.items, self.k, self.levels = items, codebook_size, items.shape[1]
+        self.items, self.k, self.levels, self.source = items, codebook_size, items.shape[1], source
         # prefix codes as base-K integers: at most 3 levels of K <= 2^20 fit in int64
         self._codes = [torch.unique(self._encode(items[:, :t + 1])) for t in range(self.levels)]
 
@@ -92,6 +92,9 @@ def beam_search(model, ctx, beam_width: int = 32, top_n: int = 10,
     if isinstance(catalogue, torch.Tensor):
         catalogue = Catalogue(catalogue, cfg.codebook_size)
     levels, k, dev = cfg.num_semantic_levels, cfg.codebook_size, model.device
+    if catalogue is not None and catalogue.levels != levels:
+        raise UserError(f"{catalogue.source}: items have {catalogue.levels} semantic IDs each, the model "
+                        f"{levels}")
     kv = model.encode_context(ctx)  # once per user, shared by every beam and step
     u = ctx.num_users
     prefix = torch.zeros(u, 0, dtype=torch.int64, device=dev)  # (U * nb, t)
