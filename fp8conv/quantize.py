@@ -56,7 +56,7 @@ def quantize_checkpoint(src, dst, recipe: Recipe | str | None = None, device: st
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(f"{dst.parent}: no space left on device while writing the output "
-                            f"(it needs about {plan.bytes_out / 1e9:.2f} GB); nothing was written to "
+                            f"(it needs about {plan.bytes_out / 1e9:.3g} GB); nothing was written to "
                             f"{dst}") from None
         # a shard removed or unreadable mid-run, an I/O error: name the file, no traceback
         raise UserError(f"{e.filename or dst}: {e.strerror or e} while writing {dst}; nothing was "

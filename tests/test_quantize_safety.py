@@ -263,8 +263,9 @@ def test_full_disk_is_a_clear_error(good, tmp_path, monkeypatch):
         return real_write(fd, data)
 
     monkeypatch.setattr(ck.os, "write", full)
-    with pytest.raises(UserError, match="no space left on device"):
+    with pytest.raises(UserError, match="no space left on device") as e:
         quantize_checkpoint(good, tmp_path / "out", recipe=str(tmp_path / "recipe.toml"), progress=False)
+    assert "0.00 GB" not in str(e.value)  # a small output's size must still be readable
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
