@@ -170,8 +170,12 @@ def source_stats(name: str, w: torch.Tensor, scheme: str | None = None,
     s["notes"] = notes
     if scheme in ("channel", "block") and w.numel() and s["finite"]:
         q, scale = (fp8.quantize_channel if scheme == "channel" else fp8.quantize_block)(w)
-        s.update(_fp8_effects(x, q, scheme, source=True))
-        s["sqnr_db"] = sqnr_db(fp8.dequantize(q, scale), x)
+        if bool((scale == 0).any()):  # amax / 448 underflowed: NaN codes, meaningless counts
+            s["notes"] += ("a row or block's scale amax / 448 underflows float32 to 0: "
+                           "fp8conv quantize refuses it",)
+        else:
+            s.update(_fp8_effects(x, q, scheme, source=True))
+            s["sqnr_db"] = sqnr_db(fp8.dequantize(q, scale), x)
     notes = s.pop("notes")
     return TensorStats(**s, risks=notes + _risks(s))
 

@@ -267,3 +267,15 @@ def test_worst_group_small_counts_edge_blocks_by_their_real_size():
     assert s.worst_group_small == pytest.approx(72 / 144)  # padding would make it 72 / 16384
     w[128:, 128:] = 0.0  # an all-zero block loses nothing
     assert ins.source_stats("model.layers.1.mlp.experts.0.up_proj.weight", w).worst_group_small < 0.05
+
+
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+def test_scale_underflow_is_flagged(scheme):
+    """An F32 row whose amax / 448 underflows to 0 gave NaN SQNR and a negative zero_frac, unflagged."""
+    w = torch.randn(130, 140) * 0.05
+    w[:128, :128] = 0
+    w[1] = 0
+    w[1, 2] = 1e-44
+    s = ins.source_stats("m.experts.0.up_proj.weight", w, scheme)
+    assert any("underflows" in r for r in s.risks)
+    assert s.zero_frac is None and s.sqnr_db is None
