@@ -83,7 +83,7 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
                 raise UserError(f"{index}: not a valid safetensors index ({e})") from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise UserError(f"{index}: not a valid safetensors index ('weight_map' must map tensor "
@@ -139,7 +139,7 @@ def read_manifest(cand: Path) -> dict | None:
     try:
         m = json.loads(path.read_text())
         ok = isinstance(m["recipe"]["toml"], str) and isinstance(m["source"]["files"], dict)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"{path}: not a valid fp8conv manifest ({e})") from None
     if not ok:
         raise UserError(f"{path}: not a valid fp8conv manifest (recipe.toml must be a string and "

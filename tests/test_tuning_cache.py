@@ -108,6 +108,11 @@ def test_corrupt_file_is_reported_and_skipped(tmp_path):
     bad.write_text('{"format": "fp8conv-tuning-cache", "entr')  # a truncated write by another tool
     with pytest.raises(cache.CacheFileError, match="corrupt JSON"):
         cache.read(bad)
+    deep = cache.cache_path(tmp_path / "deep", H100, "fp8_gemm", 1408, 1408)
+    deep.parent.mkdir(parents=True)
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError in json: was a traceback
+    with pytest.raises(cache.CacheFileError, match="corrupt JSON"):
+        cache.read(deep)
     good, problems = cache.scan(bad_dir)
     assert good == [] and len(problems) == 1
     with pytest.warns(lookup.TuningFallbackWarning, match="skipping .*corrupt JSON"):

@@ -254,11 +254,12 @@ def test_sharded_checkpoints_are_read_through_the_index(tmp_path):
     assert rep.mode == "bit-exact" and rep.findings == () and rep.quantized == 90
 
 
-@pytest.mark.parametrize("weight_map", [[], "x", {"a": 5}], ids=["list", "str", "int file"])
+@pytest.mark.parametrize("weight_map", [[], "x", {"a": 5}, "deep"], ids=["list", "str", "int file", "deep"])
 def test_malformed_index_is_a_user_error_naming_it(ref, fp8_cand, weight_map):
     from fp8conv.errors import UserError
 
     cand = fp8_cand()
-    (cand / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    text = "[" * 100_000 + "]" * 100_000 if weight_map == "deep" else json.dumps({"weight_map": weight_map})
+    (cand / "model.safetensors.index.json").write_text(text)
     with pytest.raises(UserError, match="model.safetensors.index.json"):  # were AttributeError / TypeError
         Checkpoint(cand, "CAND")

@@ -44,7 +44,7 @@ def tensor_files(ckpt_dir: str | Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
             raise UserError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise UserError(f"{index}: 'weight_map' must map tensor names to file names")
@@ -70,7 +70,7 @@ def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             if n > path.stat().st_size - 8:
                 raise ValueError(f"header length {n} exceeds the file")
             header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     header.pop("__metadata__", None)
     try:

@@ -186,7 +186,7 @@ def read(path: Path | str) -> CacheFile:
         raise CacheFileError(path, f"unreadable ({exc.strerror or exc})") from None
     try:
         d = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: [[[[...]]]] nested too deeply
         raise CacheFileError(path, f"corrupt JSON ({exc})") from None
     return parse(d, path)
 

@@ -116,7 +116,7 @@ def read_schemes(ckpt: Path | str) -> dict[str, str] | None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted({ckpt / f for f in weight_map.values()})
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise UserError(f"{index}: not a valid index (needs a 'weight_map' object): {e}") from None
     else:
         files = [ckpt / "model.safetensors"] if (ckpt / "model.safetensors").is_file() else []
@@ -148,7 +148,7 @@ def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             header = json.loads(f.read(n))
         header.pop("__metadata__", None)
         return {k: (v["dtype"], tuple(v["shape"])) for k, v in header.items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise UserError(f"{path}: not a readable safetensors file ({e})") from None
 
 
