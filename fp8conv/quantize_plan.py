@@ -95,6 +95,9 @@ def make_plan(src: Path, recipe: Recipe) -> Plan:
     if weight_map is not None:
         check_index(src / INDEX_NAME, weight_map, headers)
     _check_unique(headers)
+    if not any(h.tensors for h in headers.values()):
+        where = src / (INDEX_NAME if weight_map is not None else files[0])
+        raise UserError(f"{where}: the checkpoint holds no tensors; nothing to quantize")
     shapes = {t.name: t.shape for h in headers.values() for t in h.tensors}
     _check_not_quantized(src, config, headers)
     unclaimed = recipe.unclaimed(shapes)

@@ -11,6 +11,7 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -403,3 +404,17 @@ def test_force_when_dst_cannot_be_moved_leaves_no_trash(good, tmp_path, monkeypa
     with pytest.raises(UserError, match="busy"):
         quantize_checkpoint(good, out, recipe=str(tmp_path / "recipe.toml"), progress=False, force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "recipe.toml", "src"]
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_checkpoint_without_tensors(tmp_path, sharded):
+    """An empty weight_map (or a model.safetensors with no tensors) wrote an 'FP8 checkpoint' of nothing."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    if sharded:
+        (src / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": {}}')
+    else:
+        (src / "model.safetensors").write_bytes(struct.pack("<Q", 8) + b"{}      ")
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    _fails(src, tmp_path / "out", "no tensors")
