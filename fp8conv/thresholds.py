@@ -92,6 +92,8 @@ class Thresholds:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"{source}: not valid TOML ({e})") from None
+        except RecursionError:  # x = [[[[...]]]] nested deeper than the parser recurses
+            raise UserError(f"{source}: not valid TOML (nested too deeply)") from None
         groups = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
         unknown = sorted(set(data) - set(groups))
         if unknown:

@@ -36,6 +36,7 @@ def test_override_a_subset_keeps_the_rest(tmp_path):
     ("[recommendation]\nmax_recall_drop = nan\n", ["expected a number"]),
     ("beam = 3\n", ["must be a table"]),
     ("[beam\n", ["not valid TOML"]),
+    ("x = " + "[" * 100_000 + "]" * 100_000 + "\n", ["not valid TOML"]),  # was a RecursionError traceback
 ])
 def test_bad_toml_is_a_user_error_naming_the_file(text, words):
     with pytest.raises(UserError) as e:
