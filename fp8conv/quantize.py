@@ -139,9 +139,9 @@ def _write_all(plan: Plan, tmp: Path, device: str, threads: int, progress: bool)
     qc = build_quantization_config(schemes)
     if qc is not None:
         config["quantization_config"] = qc
-    _write_json(tmp / "config.json", config)
+    _write_json(tmp / "config.json", config, copied=True)
     if plan.sharded:
-        _write_json(tmp / INDEX_NAME, _index(plan, tmp))
+        _write_json(tmp / INDEX_NAME, _index(plan, tmp), copied=True)
     _write_json(tmp / MANIFEST, manifest(plan, hashes, stats))
     return stats
 
@@ -172,9 +172,10 @@ def manifest(plan: Plan, hashes: dict, stats: dict) -> dict:
     }
 
 
-def _write_json(path: Path, obj) -> None:
-    # allow_nan=False: a NaN statistic would be invalid JSON; NaN weights are refused earlier
-    path.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+def _write_json(path: Path, obj, copied: bool = False) -> None:
+    # allow_nan=False: a NaN statistic would be invalid JSON; NaN weights are refused earlier. ``copied``
+    # (config.json, the index): SRC's own values, which Python's json reads and writes as NaN/Infinity
+    path.write_text(json.dumps(obj, indent=2, allow_nan=copied) + "\n")
 
 
 def _fix_modes(folder: Path) -> None:

@@ -418,3 +418,12 @@ def test_checkpoint_without_tensors(tmp_path, sharded):
         (src / "model.safetensors").write_bytes(struct.pack("<Q", 8) + b"{}      ")
     (tmp_path / "recipe.toml").write_text(RECIPE)
     _fails(src, tmp_path / "out", "no tensors")
+
+
+def test_config_with_nan_values_is_carried_over(good, tmp_path):
+    """Python's json (and so transformers) writes NaN/Infinity in config.json; writing it back crashed."""
+    (good / "config.json").write_text('{"model_type": "x", "odd": NaN, "big": Infinity}')
+    rc, err = _main(str(good), str(tmp_path / "out"), "--recipe", str(tmp_path / "recipe.toml"))
+    assert rc == 0, err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["odd"] != config["odd"] and config["big"] == float("inf") and "quantization_config" in config
