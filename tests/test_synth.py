@@ -201,3 +201,11 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="No space left on device"):
         write_synthetic_checkpoint(tmp_path / "ck", TINY)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_shard_size_overflow_is_a_user_error():
+    from fp8conv.commands.synth import parse_size
+
+    with pytest.raises(UserError, match="--shard-size"):
+        parse_size("1e400")
+    assert parse_size("1.5GB") == 1_500_000_000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import click
@@ -17,7 +18,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
     if not m or m.group(2).upper() not in _UNITS:
         raise UserError(f"--shard-size: cannot read {text!r} (examples: 2GB, 500MB, 1GiB)")
-    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    number = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not math.isfinite(number):  # '1e400': int(inf) would raise OverflowError (a traceback)
+        raise UserError(f"--shard-size: {text!r} is too large")
+    value = int(number)
     if value <= 0:
         raise UserError(f"--shard-size must be positive, got {text!r}")
     return value
