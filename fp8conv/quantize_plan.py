@@ -207,6 +207,10 @@ def _other_files(src: Path, shards: set[str]) -> tuple[tuple[str, ...], tuple[st
         rel = p.relative_to(src).as_posix()
         if not p.is_file() or rel in shards or rel in (INDEX_NAME, "config.json"):
             continue
+        if rel.startswith(".git/"):  # a git clone's history and LFS store: the source weights again
+            if ".git/" not in skipped:
+                skipped.append(".git/")
+            continue
         if p.suffix == ".safetensors" and not _holds_weights(p):
             copies.append(rel)  # data beside the model (sample contexts, an item catalogue)
         elif p.suffix in (".pt", ".pth", ".ckpt", ".safetensors") or (p.suffix == ".bin" and "model" in p.name):

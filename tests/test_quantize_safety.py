@@ -427,3 +427,16 @@ def test_config_with_nan_values_is_carried_over(good, tmp_path):
     assert rc == 0, err
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["odd"] != config["odd"] and config["big"] == float("inf") and "quantization_config" in config
+
+
+def test_git_folder_of_a_clone_is_not_copied(good, tmp_path):
+    """A git clone of a model repository keeps the full weights again under .git/lfs/objects."""
+    lfs = good / ".git" / "lfs" / "objects" / "ab" / "cd"
+    lfs.mkdir(parents=True)
+    (lfs / "abcd1234").write_bytes(b"\0" * 1000)
+    (good / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (good / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    report = quantize_checkpoint(good, tmp_path / "out", recipe=str(tmp_path / "recipe.toml"), progress=False)
+    assert not (tmp_path / "out" / ".git").exists()
+    assert (tmp_path / "out" / ".gitattributes").exists()
+    assert report["skipped"] == [".git/"] and ".gitattributes" in report["copied"]
