@@ -147,8 +147,8 @@ def read_config_dict(ckpt_dir: str | Path, why: str = "a checkpoint folder holds
         raise UserError(f"{path}: not found ({why})")
     try:
         d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise UserError(f"{path}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict):
         raise UserError(f"{path}: expected a JSON object")
     return d

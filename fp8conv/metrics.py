@@ -45,6 +45,10 @@ def sqnr_db(out: torch.Tensor, ref: torch.Tensor) -> float:
     o, r = _pair(out, ref)
     noise = (o - r).pow(2).sum().item()
     signal = r.pow(2).sum().item()
+    if math.isnan(noise) or math.isnan(signal):
+        return math.nan
+    if math.isinf(noise):
+        return -math.inf
     if noise == 0:
         return math.inf
     if signal == 0:

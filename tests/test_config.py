@@ -198,3 +198,9 @@ def test_scalar_fields_validated(key, value):
     d[key] = value
     with pytest.raises(UserError, match=key if key != "codebook_size" else "codebook_size"):
         OneRecConfig.from_dict(d)
+
+
+def test_deeply_nested_config_json_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(UserError, match="config.json"):
+        load_config(tmp_path)
