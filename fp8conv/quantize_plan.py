@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from fp8conv.numerics import BLOCK
 from fp8conv.recipe import Recipe, builtin_names
 
 SCALE_SUFFIX = "_scale"  # X.weight -> X.weight_scale (compressed-tensors naming)
+# Tensors that only a quantized checkpoint has (compressed-tensors, DeepSeek-V3 FP8, KV-cache scales);
+# other names ending in "_scale" (CLIP-style logit_scale, layer_scale) are ordinary parameters.
+_QUANT_SCALE = re.compile(r"(^|\.)(weight_scale(_inv)?|input_scale|[kv]_scale)$")
 # Pickle-based weight formats: never opened (unpickling runs arbitrary code), never copied.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -175,7 +179,7 @@ def _check_not_quantized(src: Path, config: dict, headers: dict[str, Header]) ->
             if t.dtype in FP8_DTYPES:
                 raise UserError(f"{h.path}: tensor {t.name!r} is already {t.dtype}: the checkpoint is "
                                 f"already quantized")
-            if t.name.endswith(SCALE_SUFFIX) or t.name.endswith("input_scale"):
+            if _QUANT_SCALE.search(t.name):
                 raise UserError(f"{h.path}: tensor {t.name!r} is a quantization scale: the checkpoint is "
                                 f"already quantized")
 

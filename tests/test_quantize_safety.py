@@ -440,3 +440,23 @@ def test_git_folder_of_a_clone_is_not_copied(good, tmp_path):
     assert not (tmp_path / "out" / ".git").exists()
     assert (tmp_path / "out" / ".gitattributes").exists()
     assert report["skipped"] == [".git/"] and ".gitattributes" in report["copied"]
+
+
+def test_ordinary_scale_parameters_are_not_mistaken_for_quantization(tmp_path):
+    """Any name ending in '_scale' was refused as 'already quantized' (e.g. a CLIP-style logit_scale)."""
+    tensors = make_tensors(NAMES)
+    tensors["logit_scale"] = torch.tensor([2.5])
+    tensors["m.blocks.0.layer_scale"] = torch.ones(70, dtype=torch.bfloat16)
+    src = write_ckpt(tmp_path / "src", tensors)
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    rc, err = _main(str(src), str(tmp_path / "out"), "--recipe", str(tmp_path / "recipe.toml"))
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("name", ["m.q_proj.weight_scale_inv", "m.q_proj.input_scale", "m.attn.k_scale"])
+def test_other_quantization_scales_are_refused(tmp_path, name):
+    tensors = make_tensors(NAMES)
+    tensors[name] = torch.ones(1)
+    src = write_ckpt(tmp_path / "src", tensors)
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    _fails(src, tmp_path / "out", name, "already quantized")
