@@ -17,11 +17,11 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from fp8conv import __version__
+from fp8conv.atomic import replace_dir, temp_sibling, umask_modes
 from fp8conv.checkpoint import INDEX_NAME
 from fp8conv.compressed_tensors import build_quantization_config, module_name
 from fp8conv.errors import UserError
@@ -50,8 +50,8 @@ def quantize_checkpoint(src, dst, recipe: Recipe | str | None = None, device: st
     try:
         with interrupt_on_sigterm():
             stats = _write_all(plan, tmp, device, threads, progress)
-            _fix_modes(tmp)
-            _replace_dir(tmp, dst, force)
+            umask_modes(tmp)
+            replace_dir(tmp, dst)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -112,7 +112,7 @@ def _existing_parent(p: Path) -> Path:
 def _make_temp(dst: Path) -> Path:
     try:
         dst.absolute().parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.absolute().parent))
+        return temp_sibling(dst, "tmp")
     except PermissionError:
         raise UserError(f"{dst.absolute().parent}: not writable (cannot create the output there)") from None
     except OSError as e:  # a path component is a file, a read-only file system, ...
@@ -176,36 +176,6 @@ def _write_json(path: Path, obj, copied: bool = False) -> None:
     # allow_nan=False: a NaN statistic would be invalid JSON; NaN weights are refused earlier. ``copied``
     # (config.json, the index): SRC's own values, which Python's json reads and writes as NaN/Infinity
     path.write_text(json.dumps(obj, indent=2, allow_nan=copied) + "\n")
-
-
-def _fix_modes(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; give it and its files the modes the user's umask gives."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def _replace_dir(tmp: Path, dst: Path, force: bool) -> None:
-    """Rename the finished temp folder to DST. With --force an old DST is moved aside first and
-    removed only after the rename, so DST is never half-written."""
-    if not dst.exists():
-        os.replace(tmp, dst)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.absolute().parent))
-    try:
-        os.replace(dst, trash / dst.name)
-    except BaseException:  # e.g. dst is the current folder (busy): leave no empty trash folder
-        trash.rmdir()
-        raise
-    try:
-        os.replace(tmp, dst)
-    except BaseException:  # an error or a signal between the renames: put the old DST back
-        os.replace(trash / dst.name, dst)
-        trash.rmdir()
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _report(plan: Plan, dst: Path, stats: dict, device: str, threads: int, seconds: float) -> dict:

@@ -22,13 +22,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fp8conv.atomic import replace_dir as _replace_dir  # a module name tests can patch
+from fp8conv.atomic import temp_sibling, umask_modes
 from fp8conv.config import OneRecConfig, tensor_specs
 from fp8conv.errors import UserError
 
@@ -136,7 +136,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, cfg: OneRecConfig, dtype: st
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = temp_sibling(out, "tmp")
     except OSError as e:  # a path component is a file, a read-only folder, ...
         raise UserError(f"{out.parent}: cannot create the output there ({e.strerror})") from None
     try:
@@ -152,7 +152,7 @@ def write_synthetic_checkpoint(out_dir: str | Path, cfg: OneRecConfig, dtype: st
                      "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        _fix_modes(tmp)
+        umask_modes(tmp)
         _replace_dir(tmp, out)
     except (OSError, SafetensorError) as e:  # a full disk (safetensors reports it as its own error), ...
         shutil.rmtree(tmp, ignore_errors=True)
@@ -167,34 +167,3 @@ def _progress(enabled: bool, total: int):
     from fp8conv.ui import progress
 
     return progress("synth", total, "B", quiet=not enabled)
-
-
-def _fix_modes(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder and safetensors may write 0600 files; give them the modes a
-    plain mkdir / open would (the user's umask), since checkpoints are shared."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for f in folder.iterdir():
-        os.chmod(f, 0o666 & ~umask)
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename the finished temp folder to ``out``; an old ``out`` (force) is moved aside first and
-    removed only after the rename, so ``out`` is never half-written."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    try:
-        os.replace(out, trash / out.name)
-    except BaseException:  # e.g. out is the current folder (busy): leave no empty trash folder
-        trash.rmdir()
-        raise
-    try:
-        os.replace(tmp, out)
-    except BaseException:  # an error or a signal between the renames: put the old folder back
-        os.replace(trash / out.name, out)
-        trash.rmdir()
-        raise
-    shutil.rmtree(trash, ignore_errors=True)

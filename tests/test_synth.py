@@ -149,7 +149,7 @@ def test_out_below_a_file(tmp_path):
 def test_force_interrupted_at_the_rename_keeps_the_old_folder(tmp_path, monkeypatch):
     import os
 
-    import fp8conv.synth as synth
+    import fp8conv.atomic as atomic
 
     out = tmp_path / "ck"
     out.mkdir()
@@ -161,7 +161,7 @@ def test_force_interrupted_at_the_rename_keeps_the_old_folder(tmp_path, monkeypa
             raise KeyboardInterrupt
         return real(a, b)
 
-    monkeypatch.setattr(synth.os, "replace", interrupted)
+    monkeypatch.setattr(atomic.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_checkpoint(out, TINY, force=True)
     assert (out / "old.txt").read_text() == "old"
@@ -172,7 +172,7 @@ def test_force_when_out_cannot_be_moved_leaves_no_trash(tmp_path, monkeypatch):
     import errno
     import os
 
-    import fp8conv.synth as synth
+    import fp8conv.atomic as atomic
 
     out = tmp_path / "ck"
     out.mkdir()
@@ -183,7 +183,7 @@ def test_force_when_out_cannot_be_moved_leaves_no_trash(tmp_path, monkeypatch):
             raise OSError(errno.EBUSY, "Device or resource busy", str(a))
         return real(a, b)
 
-    monkeypatch.setattr(synth.os, "replace", busy)
+    monkeypatch.setattr(atomic.os, "replace", busy)
     with pytest.raises(UserError, match="busy"):
         write_synthetic_checkpoint(out, TINY, force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]

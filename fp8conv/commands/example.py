@@ -4,24 +4,15 @@ README.md and docs/example.md for the data set, the training and the recorded me
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import click
 
+from fp8conv.atomic import replace_dir, temp_sibling, umask_modes
 from fp8conv.errors import UserError
 
 EXAMPLE = "onerec_example"
-
-
-def _public_mode(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; the finished copy gets the usual umask-derived mode. (A copy of
-    runtime.loader.public_mode: importing that would import torch, and --help must stay instant.)"""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
 
 
 def example_source() -> Path:
@@ -43,21 +34,15 @@ def write_example(out_dir: str | Path, force: bool = False) -> tuple[Path, list[
         raise UserError(f"{out}: exists and is not a folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = temp_sibling(out, "tmp")
     except OSError as e:
         raise UserError(f"{out}: cannot write the example ({e})") from None
     try:
-        _public_mode(tmp)
         names = sorted(p.name for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
         for name in names:
             shutil.copyfile(src / name, tmp / name)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        umask_modes(tmp)
+        replace_dir(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"{out}: cannot write the example ({e})") from None

@@ -10,14 +10,13 @@ unexpected. Errors are UserErrors naming the file and the tensor.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fp8conv.atomic import replace_dir, temp_sibling, umask_modes
 from fp8conv.config import OneRecConfig, load_config, tensor_specs
 from fp8conv.errors import UserError
 
@@ -164,13 +163,6 @@ def is_quantized(cfg: OneRecConfig, tensors: dict[str, StoredTensor]) -> bool:
 
 # writing --------------------------------------------------------------------------------------
 
-def public_mode(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder; the finished output should get the usual umask-derived mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
 def write_checkpoint(out_dir: str | Path, cfg: OneRecConfig, tensors: dict[str, torch.Tensor],
                      extra_files: dict[str, dict[str, torch.Tensor] | str] | None = None,
                      config_extra: dict | None = None, force: bool = False) -> Path:
@@ -182,9 +174,8 @@ def write_checkpoint(out_dir: str | Path, cfg: OneRecConfig, tensors: dict[str, 
     if out_dir.exists() and not force:
         raise UserError(f"{out_dir}: already exists (use --force to replace it)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = temp_sibling(out_dir, "tmp")
     try:
-        public_mode(tmp)
         cfg_dict = cfg.to_dict() | (config_extra or {})
         (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / SINGLE_FILE),
@@ -194,13 +185,8 @@ def write_checkpoint(out_dir: str | Path, cfg: OneRecConfig, tensors: dict[str, 
                 (tmp / fname).write_text(content)
             else:
                 save_file({k: v.detach().cpu().contiguous() for k, v in content.items()}, str(tmp / fname))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        umask_modes(tmp)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
