@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from fp8conv.errors import UserError
+from fp8conv.tomlfile import parse_toml
 
 SCHEMES = ("channel", "block", "keep")
 DEFAULTS = ("error", "keep")
@@ -103,10 +103,7 @@ class Recipe:
     # -- TOML ------------------------------------------------------------------------------------
     @classmethod
     def from_toml(cls, text: str, source: str = "<recipe>") -> "Recipe":
-        try:
-            obj = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{source}: not valid TOML ({e})") from None
+        obj = parse_toml(text, source)
         unknown = set(obj) - {"name", "default", "description", "rules"}
         if unknown:
             raise UserError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; "

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fp8conv.errors import UserError
+from fp8conv.tomlfile import parse_toml
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,7 @@ class Thresholds:
 
     @classmethod
     def from_toml(cls, text: str, source: str = "<thresholds>") -> "Thresholds":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{source}: not valid TOML ({e})") from None
-        except RecursionError:  # x = [[[[...]]]] nested deeper than the parser recurses
-            raise UserError(f"{source}: not valid TOML (nested too deeply)") from None
+        data = parse_toml(text, source)
         groups = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
         unknown = sorted(set(data) - set(groups))
         if unknown:

@@ -140,3 +140,8 @@ def test_recipe_from_a_pipe(tmp_path):
         os.close(r)
     with pytest.raises(UserError, match="neither a built-in"):
         load_recipe(tmp_path)  # a folder still is not a recipe
+
+
+def test_toml_nested_too_deeply_is_a_user_error_naming_the_file():
+    with pytest.raises(UserError, match=r"deep\.toml: not valid TOML \(nested too deeply\)"):
+        Recipe.from_toml("x = " + "[" * 5000 + "]" * 5000, source="deep.toml")

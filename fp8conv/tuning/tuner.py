@@ -130,8 +130,7 @@ def print_tune(report: dict) -> None:
         if e is None:
             ui.log(f"{p['kernel']:<16} {p['N']:>5} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | {s['status']}")
             continue
-        c = e["config"]
-        cfg = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} w{c['num_warps']} s{c['num_stages']}"
+        cfg = _config_label(e["config"])
         ui.log(f"{p['kernel']:<16} {p['N']:>5} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | "
                f"{e['time_us']:>10.1f} {_f(e['default_time_us']):>11} {_f(e['baseline_time_us']):>12} | "
                f"{_f(e['speedup_vs_default'], 2):>9} {_f(e['speedup_vs_baseline'], 2):>7} | {cfg}"
@@ -143,6 +142,11 @@ def print_tune(report: dict) -> None:
            f"{_f(report['geomean_speedup_vs_baseline'], 3)}x the library baselines; wrote {report['cache_dir']}")
     for p in report["not_tuned"]:
         ui.log(f"not tuned: {p['kernel']} {p['M']} x {p['N']} -> {p['K']} (no tunable Triton kernel: torch.topk)")
+
+
+def _config_label(c: dict) -> str:
+    """A KernelConfig dict as one token: 128x256x128 g8 w8 s3."""
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} w{c['num_warps']} s{c['num_stages']}"
 
 
 def _f(x, nd: int = 1) -> str:
@@ -204,9 +208,7 @@ def print_show(rep: dict) -> None:
     for f in rep["files"]:
         ui.log(f"{f['path']}: {f['device']} {f['kernel']} N={f['N']} K={f['K']}")
         for b, e in f["entries"].items():
-            c = e["config"]
-            ui.log(f"  bucket {b:>6} (M={e['m']}): {c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} "
-                   f"w{c['num_warps']} s{c['num_stages']}  {e['time_us']:.1f} us, "
+            ui.log(f"  bucket {b:>6} (M={e['m']}): {_config_label(e['config'])}  {e['time_us']:.1f} us, "
                    f"{_f(e.get('speedup_vs_default'), 2)}x default, {_f(e.get('speedup_vs_baseline'), 2)}x "
                    f"{e.get('baseline') or 'baseline'}; Triton {e['triton']}, torch {e['torch']}, {e['date']}")
     for b in rep["bad_files"]:
