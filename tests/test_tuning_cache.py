@@ -220,11 +220,9 @@ def test_get_config_warns_once_per_fallback_and_feeds_resolve_config(tmp_path, m
 # step, from before beam search decoded incrementally; the runtime launches N_t (32 and 16384 tokens at
 # batch 32 / beam 512), so bucket 16384 (and 1024 rows/expert) is served by the nearest bucket until a
 # GPU run of `fp8conv tune` re-ships them. strict: this fails loudly once they cover the shapes exactly.
-@pytest.mark.xfail(strict=True, reason="shipped configs tuned at the pre-incremental-decoding token counts; "
-                                       "retune on an H100/H200")
-@pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
-def test_shipped_configs_are_valid_and_cover_the_4b_preset_and_the_example(monkeypatch, device):
-    monkeypatch.undo()  # the real package folder
+def _shipped_choices(device):
+    """(shape label, look-up choice) for every kernel shape the 4b preset and the bundled example launch at
+    batch 32 / beam 512, from the shipped folder, for ``device`` and the shipped Triton version."""
     from fp8conv.config import load_config, preset
     from fp8conv.tuning import shapes
 
@@ -236,9 +234,17 @@ def test_shipped_configs_are_valid_and_cover_the_4b_preset_and_the_example(monke
     example = load_config(os.path.join(os.path.dirname(__file__), "..", "fp8conv", "data", "onerec_example"))
     for cfg in (preset("4b"), example):
         for p in shapes.tuning_targets(shapes.derive(cfg, shapes.Load(batch=32, beam=512))):
-            ch = lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
-            assert ch.level == "exact", p.label()
-            assert ch.entry.checked["passed"] and ch.entry.time_us > 0
+            yield p.label(), lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
+
+
+@pytest.mark.xfail(strict=True, reason="shipped configs tuned at the pre-incremental-decoding token counts; "
+                                       "retune on an H100/H200")
+@pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
+def test_shipped_configs_are_valid_and_cover_the_4b_preset_and_the_example(monkeypatch, device):
+    monkeypatch.undo()  # the real package folder
+    for label, ch in _shipped_choices(device):
+        assert ch.level == "exact", label
+        assert ch.entry.checked["passed"] and ch.entry.time_us > 0
 
 
 @pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
@@ -246,16 +252,6 @@ def test_shipped_configs_are_valid_and_serve_every_shape_of_the_4b_preset_and_th
     """Until the re-tune (above): every shape the runtime launches gets a checked config of this device
     and Triton version from the shipped files, exact or from the nearest bucket."""
     monkeypatch.undo()  # the real package folder
-    from fp8conv.config import load_config, preset
-    from fp8conv.tuning import shapes
-
-    root = cache.shipped_dir()
-    good, bad = cache.scan(root)
-    assert not bad and good
-    triton = next(iter(good[0][1].entries.values())).triton
-    example = load_config(os.path.join(os.path.dirname(__file__), "..", "fp8conv", "data", "onerec_example"))
-    for cfg in (preset("4b"), example):
-        for p in shapes.tuning_targets(shapes.derive(cfg, shapes.Load(batch=32, beam=512))):
-            ch = lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
-            assert ch.level in ("exact", "nearest"), p.label()
-            assert ch.entry.checked["passed"] and ch.entry.time_us > 0
+    for label, ch in _shipped_choices(device):
+        assert ch.level in ("exact", "nearest"), label
+        assert ch.entry.checked["passed"] and ch.entry.time_us > 0
