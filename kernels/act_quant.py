@@ -1,18 +1,21 @@
 """Dynamic FP8 activation quantization, alone or fused with its producer (RMSNorm, SwiGLU).
 
-One kernel, a few rows per program (KernelConfig.BLOCK_M of the "act_quant" config; enough rows
-that a program moves ~16 KiB, so the memory system has work in flight). Each row is viewed as a (NG, 128) tile (NG = groups of 128 columns,
-padded to a power of two), so per-token (one scale per row) and 1x128-group (one scale per group)
-quantization share the code; the producer is applied in registers first, so the activation crosses
-memory once: read in its dtype, written as FP8 plus float32 scales.
+One kernel, a few rows per program (KernelConfig.BLOCK_M of the "act_quant" config). A row's groups of
+128 columns are held as a power-of-two head tile and a padded tail tile (group_tiles), so per-token
+(one scale per row) and 1x128-group (one scale per group) quantization share the code with little
+padding; the producer is applied in registers first, so the activation crosses memory once: read in
+its dtype, written as FP8 plus float32 scales.
 
 Numerics follow fp8conv.numerics exactly: the producer's result is rounded to the activation dtype (as
 the reference backend's unfused ops do), scale = amax / 448 with IEEE division (an all-zero row or
-group gets 1), q = cast(clamp(y / scale, -448, 448)) with IEEE division (``tl.div_rn``: Triton's ``/`` on
-float32 is an approximate division) and round-to-nearest-even.
+group gets 1), q = cast(clamp(y / scale, -448, 448)) rounded to nearest even, where y / scale is the
+IEEE quotient's FP8 value (quantize_values: a reciprocal and Markstein's FMA correction for bf16/fp16
+activations, exhaustively checked; ``tl.div_rn`` for float32 ones).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -43,16 +46,86 @@ def round_to_e4m3(x):
     still as float32, so the cast that follows is exact whatever path the compiler takes to FP8 (and
     under TRITON_INTERPRET, whose cast rounds wrongly). Normal range: round the 23-bit mantissa to 3
     bits on the integer bits; below 2^-6 (subnormal FP8, spacing 2^-9): x + 1.5*2^14 - 1.5*2^14 rounds
-    to a multiple of 2^-9 in float32 arithmetic."""
-    u = x.to(tl.int32, bitcast=True)
-    u = ((u + 0x7FFFF + ((u >> 20) & 1)) >> 20) << 20
+    to a multiple of 2^-9 in float32 arithmetic, on |x| with x's sign put back (-0.0 stays -0.0)."""
+    bits = x.to(tl.int32, bitcast=True)
+    u = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20
     normal = u.to(tl.float32, bitcast=True)
-    sub = (x + 24576.0) - 24576.0
+    sub = ((tl.abs(x) + 24576.0) - 24576.0).to(tl.int32, bitcast=True)  # on |x|: keep the sign of 0
+    sub = (sub | (bits & -2147483648)).to(tl.float32, bitcast=True)  # sign bit (0x80000000) of x
     return tl.where(tl.abs(x) < 0.015625, sub, normal)
+
+
+@triton.jit
+def fp8_scale(amax):
+    """scale = amax / 448 by IEEE division; an all-zero row or group gets 1."""
+    return tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+
+
+@triton.jit
+def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
+    """clamp(y / scale, -448, 448) rounded to float8_e4m3fn values (still float32; scale broadcasts
+    against y), exactly as fp8conv.numerics computes it.
+
+    FAST_DIV (for y holding bf16 or fp16 values, |y| <= the amax its scale came from): y / scale from
+    the row's reciprocal r = 1/scale, q0 = y * r, the exact remainder e = q0 * scale - y (one FMA) and
+    q = q0 - e * r (one FMA): Markstein's correction, 1 multiply + 2 FMAs an element instead of an IEEE
+    division (~10 instructions and a branch). It gives the same FP8 value as the IEEE quotient for
+    every pair of bf16 (and fp16) values -- checked exhaustively, on the CPU and on the GPU
+    (benchmarks/check_quant_exhaustive.py) -- once scales below 2^-100 (amax below ~1e-28, whose
+    reciprocal would overflow) are first multiplied by 2^64 together with y (exact: powers of two).
+    The remainder's sign convention keeps -0.0 as -0.0. Without FAST_DIV (float32 activations):
+    IEEE division (``tl.div_rn``; Triton's ``/`` on float32 is approximate).
+
+    SW_ROUND: round to FP8 values in float32 integer arithmetic (round_to_e4m3) so the cast that follows
+    is exact: needed under TRITON_INTERPRET, whose cast rounds wrongly (Triton issue 8322). On the GPU
+    the hardware conversion (cvt.rn.satfinite.e4m3x2.f32 on Hopper) rounds to nearest even itself."""
+    if FAST_DIV:
+        sx = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
+        s2 = scale * sx
+        r = tl.div_rn(1.0, s2)
+        y2 = y * sx
+        q0 = y2 * r
+        e = tl.fma(q0, s2, -y2)
+        q = tl.fma(-e, r, q0)
+    else:
+        q = tl.div_rn(y, scale)
+    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+    if SW_ROUND:
+        q = round_to_e4m3(q)
+    return q
+
+
+def sw_round() -> bool:
+    """Whether kernels must round to FP8 values in software (Triton's interpreter is on)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fast_div_ok(dtype: torch.dtype) -> bool:
+    """Whether quantize_values' FAST_DIV is exact for activations held in ``dtype``."""
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 # producer codes (compile-time)
 _NONE, _RMSNORM, _SWIGLU = 0, 1, 2
+
+
+@triton.jit
+def _load_tile(ptr, rows, stride, cols, rmask, K):
+    mask = rmask[:, None, None] & (cols < K)[None, :, :]
+    return tl.load(ptr + rows[:, None, None] * stride + cols[None, :, :], mask=mask, other=0.0), mask
+
+
+@triton.jit
+def _swiglu_tile(g, u_ptr, rows, stride_u, cols, rmask, K):
+    u, _ = _load_tile(u_ptr, rows, stride_u, cols, rmask, K)
+    gf = g.to(tl.float32)
+    return round_to(gf * tl.sigmoid(gf) * u.to(tl.float32), g.dtype)
+
+
+@triton.jit
+def _norm_tile(x, w_ptr, cols, inv, K):
+    w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return round_to(x.to(tl.float32) * inv[:, None, None] * w[None, :, :], x.dtype)
 
 
 @triton.jit
@@ -61,38 +134,67 @@ def _act_quant_kernel(
     x_ptr, u_ptr, w_ptr, stride_x, stride_u, eps,
     # outputs: q (M, K) fp8 contiguous; scale (M, NS) float32 contiguous (NS = 1 or groups)
     q_ptr, s_ptr, M, K, NS,
-    PRODUCER: tl.constexpr, PER_GROUP: tl.constexpr, ROWS: tl.constexpr, NG: tl.constexpr,
-    GS: tl.constexpr,
+    PRODUCER: tl.constexpr, PER_GROUP: tl.constexpr, ROWS: tl.constexpr, NH: tl.constexpr,
+    NT: tl.constexpr, GS: tl.constexpr, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr,
 ):
-    # ROWS rows per program, each viewed as (NG, GS) groups: a (ROWS, NG, GS) tile
+    # ROWS rows per program. A row's ceil(K / GS) groups of GS columns are held as a head tile of NH
+    # groups (the largest power of two that fits) and a tail tile of NT groups (the rest, padded to a
+    # power of two; NT = 0 if none), so K = 1408 (11 groups) computes 8 + 4 lanes, not 16.
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, NG)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NG, GS)
     rmask = rows < M
-    mask = rmask[:, None, None] & (cols < K)[None, :, :]
-    x = tl.load(x_ptr + rows[:, None, None] * stride_x + cols[None, :, :], mask=mask, other=0.0)
-    xf = x.to(tl.float32)
+    cols_h = tl.arange(0, NH)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NH, GS)
+    xh, mask_h = _load_tile(x_ptr, rows, stride_x, cols_h, rmask, K)
+    if NT > 0:
+        cols_t = NH * GS + tl.arange(0, NT)[:, None] * GS + tl.arange(0, GS)[None, :]
+        xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K)
     if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w
-        ms = tl.sum(tl.sum(xf * xf, axis=2), axis=1) / K  # (ROWS,)
-        w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        xf = round_to(xf * (1.0 / tl.sqrt_rn(ms + eps))[:, None, None] * w[None, :, :], x.dtype)
+        yh = xh.to(tl.float32)
+        ss = tl.sum(tl.sum(yh * yh, axis=2), axis=1)
+        if NT > 0:
+            yt = xt.to(tl.float32)
+            ss += tl.sum(tl.sum(yt * yt, axis=2), axis=1)
+        inv = 1.0 / tl.sqrt_rn(ss / K + eps)
+        yh = _norm_tile(xh, w_ptr, cols_h, inv, K)
+        if NT > 0:
+            yt = _norm_tile(xt, w_ptr, cols_t, inv, K)
     elif PRODUCER == 2:  # SwiGLU: y = silu(gate) * up
-        u = tl.load(u_ptr + rows[:, None, None] * stride_u + cols[None, :, :], mask=mask, other=0.0)
-        u = u.to(tl.float32)
-        xf = round_to(xf * tl.sigmoid(xf) * u, x.dtype)
-    ax = tl.abs(xf)
-    if PER_GROUP:
-        amax = tl.max(ax, axis=2)  # (ROWS, NG)
-        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
-        q = tl.div_rn(xf, scale[:, :, None])
-        gi = tl.arange(0, NG)
-        tl.store(s_ptr + rows[:, None] * NS + gi[None, :], scale, mask=rmask[:, None] & (gi < NS)[None, :])
+        yh = _swiglu_tile(xh, u_ptr, rows, stride_u, cols_h, rmask, K)
+        if NT > 0:
+            yt = _swiglu_tile(xt, u_ptr, rows, stride_u, cols_t, rmask, K)
     else:
-        amax = tl.max(tl.max(ax, axis=2), axis=1)  # (ROWS,)
-        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
-        q = tl.div_rn(xf, scale[:, None, None])
+        yh = xh.to(tl.float32)
+        if NT > 0:
+            yt = xt.to(tl.float32)
+    if PER_GROUP:
+        sh = fp8_scale(tl.max(tl.abs(yh), axis=2))  # (ROWS, NH)
+        gh = tl.arange(0, NH)
+        tl.store(s_ptr + rows[:, None] * NS + gh[None, :], sh, mask=rmask[:, None] & (gh < NS)[None, :])
+        qh = quantize_values(yh, sh[:, :, None], FAST_DIV, SW_ROUND)
+        if NT > 0:
+            st = fp8_scale(tl.max(tl.abs(yt), axis=2))
+            gt = NH + tl.arange(0, NT)
+            tl.store(s_ptr + rows[:, None] * NS + gt[None, :], st, mask=rmask[:, None] & (gt < NS)[None, :])
+            qt = quantize_values(yt, st[:, :, None], FAST_DIV, SW_ROUND)
+    else:
+        amax = tl.max(tl.max(tl.abs(yh), axis=2), axis=1)  # (ROWS,)
+        if NT > 0:
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(yt), axis=2), axis=1))
+        scale = fp8_scale(amax)
         tl.store(s_ptr + rows, scale, mask=rmask)
-    q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
-    tl.store(q_ptr + rows[:, None, None] * K + cols[None, :, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        qh = quantize_values(yh, scale[:, None, None], FAST_DIV, SW_ROUND)
+        if NT > 0:
+            qt = quantize_values(yt, scale[:, None, None], FAST_DIV, SW_ROUND)
+    q_dt = q_ptr.dtype.element_ty
+    tl.store(q_ptr + rows[:, None, None] * K + cols_h[None, :, :], qh.to(q_dt), mask=mask_h)
+    if NT > 0:
+        tl.store(q_ptr + rows[:, None, None] * K + cols_t[None, :, :], qt.to(q_dt), mask=mask_t)
+
+
+def group_tiles(k: int) -> tuple[int, int]:
+    """(NH, NT): ceil(k / 128) groups split into a power-of-two head and a power-of-two-padded tail."""
+    ng = max(1, triton.cdiv(k, GROUP))
+    nh = 1 << (ng.bit_length() - 1)
+    return nh, (triton.next_power_of_2(ng - nh) if ng > nh else 0)
 
 
 def _check_rows(x: torch.Tensor, name: str) -> None:
@@ -104,7 +206,8 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"Expected {name} to be bfloat16, float16 or float32, got {x.dtype} instead.")
 
 
-def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig | None, out=None):
+def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig | None, out=None,
+            fast_div: bool | None = None):
     m, k = x.shape
     ng_real = triton.cdiv(k, GROUP)
     ns = ng_real if per_group else 1
@@ -118,14 +221,16 @@ def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig |
             raise ValueError(f"out must be contiguous (q ({m}, {k}) float8_e4m3fn, scale ({m}, {ns}) float32)")
     if m == 0:
         return q, s
-    ng = triton.next_power_of_2(ng_real)
+    nh, nt = group_tiles(k)
     cfg = config or default_config("act_quant", m, 0, k)
     rows = cfg.BLOCK_M  # rows per program
     _act_quant_kernel[(triton.cdiv(m, rows),)](
         x, u if u is not None else x, w if w is not None else x,
         x.stride(0), u.stride(0) if u is not None else 0, float(eps),
         q, s, m, k, ns,
-        PRODUCER=producer, PER_GROUP=per_group, ROWS=rows, NG=ng, GS=GROUP, num_warps=cfg.num_warps,
+        PRODUCER=producer, PER_GROUP=per_group, ROWS=rows, NH=nh, NT=nt, GS=GROUP,
+        FAST_DIV=fast_div_ok(x.dtype) if fast_div is None else fast_div, SW_ROUND=sw_round(),
+        num_warps=cfg.num_warps,
     )
     return q, s
 

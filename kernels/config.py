@@ -34,6 +34,8 @@ class KernelConfig:
 # fp8_gemm adds each BLOCK_K chunk's product to the FP32 accumulator separately from this K on
 # (kernels/fp8_gemm.py says why)
 PROMOTE_MIN_K = 2048
+# ... as one wgmma chain of this many K per FP32 add (kernels/fp8_gemm.py, _promote_default)
+PROMOTE_CHAIN_K = 512
 
 
 # -- documented defaults (used when no tuned config applies; see docs/kernels.md) ---------------------
@@ -77,9 +79,12 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if kernel == "act_quant":
         # rows per program (BLOCK_M, a power of two) so that a program holds ~2K elements: one row at
-        # the preset's widths (H100 sweep: 1 row / 4 warps best at K = 1408 and 3840)
-        padded_k = max(128, 1 << (max(1, -(-k // 128)) - 1).bit_length() + 7)
-        rows = max(1, min(16, 2048 // padded_k))
+        # the preset's widths (H100 sweep: 1 row / 4 warps best at K = 1408 and 3840). A row computes
+        # head + tail lanes (act_quant.group_tiles): 12 groups of 128 at K = 1408, 32 at 3840.
+        ng = max(1, -(-k // 128))
+        nh = 1 << (ng.bit_length() - 1)
+        lanes = 128 * (nh + ((1 << (ng - nh - 1).bit_length()) if ng > nh else 0))
+        rows = 1 << (max(1, min(16, 2048 // lanes)).bit_length() - 1)  # a power of two
         return KernelConfig(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
     raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm' or 'act_quant'")
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from fp8conv.kernels.act_quant import round_to
-from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config
+from fp8conv.kernels.config import PROMOTE_CHAIN_K, PROMOTE_MIN_K, KernelConfig, default_config
 
 KERNEL_NAME = "fp8_gemm"
 
@@ -37,6 +37,23 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile % width) % size_m
     pid_n = (tile % width) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def _accumulate(a, b, acc, part, ki, PROMOTE: tl.constexpr):
+    """One BLOCK_K step. PROMOTE 0: one wgmma chain over all of K (acc); 1: each step's product added
+    to the FP32 accumulator; P > 1: a chain of P steps (part) added to acc every P steps (the caller
+    adds the last partial chain)."""
+    if PROMOTE == 0:
+        acc = tl.dot(a, b.T, acc)
+    elif PROMOTE == 1:
+        acc += tl.dot(a, b.T)
+    else:
+        part = tl.dot(a, b.T, part)
+        if ki % PROMOTE == PROMOTE - 1:
+            acc += part
+            part = tl.zeros_like(part)
+    return acc, part
 
 
 @triton.jit
@@ -56,16 +73,16 @@ def _fp8_gemm_nt_kernel(
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kmask = (offs_k + k0) < K
         a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
-        if PROMOTE:  # see _promote_default
-            acc += tl.dot(a, b.T)
-        else:
-            acc = tl.dot(a, b.T, acc)
+        acc, part = _accumulate(a, b, acc, part, k0 // BLOCK_K, PROMOTE)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    if PROMOTE > 1:
+        acc += part
     # epilogue: per-token x per-channel scales
     sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -93,13 +110,13 @@ def _fp8_gemm_nt_tma_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             a = a_desc.load([off_m, ki * BLOCK_K])
             b = b_desc.load([off_n, ki * BLOCK_K])
-            if PROMOTE:
-                acc += tl.dot(a, b.T)
-            else:
-                acc = tl.dot(a, b.T, acc)
+            acc, part = _accumulate(a, b, acc, part, ki, PROMOTE)
+        if PROMOTE > 1:
+            acc += part
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
@@ -112,9 +129,21 @@ def _fp8_gemm_nt_tma_kernel(
 # Hopper's FP8 tensor cores accumulate a wgmma chain in less than FP32 precision; over long K the
 # error of one chained accumulator reaches the 1e-3 gate (measured on an H100: mean rel. error 5.5e-4
 # at K = 1408, 1.05e-3 at K = 3840 against the float32 reference). PROMOTE adds each BLOCK_K chunk's
-# product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion), at some speed.
-def _promote_default(k: int) -> bool:
-    return k >= PROMOTE_MIN_K
+# product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion). Adding every
+# step serialises the tensor cores on the add; a chain of PROMOTE_CHAIN_K (several steps) between adds
+# keeps most of the speed and the error of a short chain.
+def _promote_default(k: int, block_k: int) -> int:
+    """Steps per wgmma chain between FP32 adds (0: no promotion)."""
+    return 0 if k < PROMOTE_MIN_K else max(1, PROMOTE_CHAIN_K // block_k)
+
+
+def _promote_steps(promote: bool | int | None, k: int, block_k: int) -> int:
+    if promote is None:
+        return _promote_default(k, block_k)
+    steps = int(promote)
+    if steps < 0:
+        raise ValueError(f"promote must be None, a bool or a number of BLOCK_K steps >= 0, got {promote!r}")
+    return steps
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,7 +191,7 @@ def _check(a, a_scale, b, b_scale, out_dtype):
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.bfloat16, config: KernelConfig | None = None,
                 variant: str = "auto", out: torch.Tensor | None = None,
-                promote: bool | None = None) -> torch.Tensor:
+                promote: bool | int | None = None) -> torch.Tensor:
     """out (M, N) = (A @ B^T) * a_scale * b_scale^T, FP32 accumulation, written in ``out_dtype``.
 
     a:       (M, K) float8_e4m3fn, unit column stride (any row stride; TMA wants it contiguous).
@@ -173,8 +202,9 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     Any M, N, K >= 1. variant: "auto" (TMA persistent when K % 16 == 0, N*elem % 16 == 0 and A/B are
     contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the documented default).
     out: optional preallocated contiguous (M, N) ``out_dtype`` tensor.
-    promote: add each BLOCK_K chunk's product to the FP32 accumulator separately (None: when
-    K >= PROMOTE_MIN_K; see the comment there). variant "tma_ws": TMA + warp specialization.
+    promote: FP32 promotion of the tensor cores' chained sums: False/0 none, True/1 every BLOCK_K step,
+    an int P every P steps; None: every PROMOTE_CHAIN_K of K when K >= PROMOTE_MIN_K (see the comment
+    at _promote_default). variant "tma_ws": TMA + warp specialization.
     """
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
     if out is None:
@@ -186,7 +216,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     cfg = config or default_config(KERNEL_NAME, m, n, k)
     a_scale = a_scale.reshape(-1).contiguous()
     b_scale = b_scale.reshape(-1).contiguous()
-    promote = _promote_default(k) if promote is None else promote
+    promote = _promote_steps(promote, k, cfg.BLOCK_K)
     use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n, k, out_dtype)
                                                and a.is_contiguous() and b.is_contiguous())
     if use_tma:

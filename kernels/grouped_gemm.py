@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.act_quant import per_group_quant, round_to, round_to_e4m3
+from fp8conv.kernels.act_quant import fp8_scale, per_group_quant, quantize_values, round_to, sw_round
 from fp8conv.kernels.config import KernelConfig, default_config
 
 KERNEL_NAME = "fp8_grouped_gemm"
@@ -146,7 +146,7 @@ def _grouped_gemm_block_fp8_kernel(
     # meta
     TOPK: tl.constexpr, GATHER: tl.constexpr, SWIGLU: tl.constexpr, ACT: tl.constexpr,
     A_TMA: tl.constexpr, B_TMA: tl.constexpr, SPLIT_GU: tl.constexpr,
-    ALIGN_M: tl.constexpr,
+    ALIGN_M: tl.constexpr, SW_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
@@ -233,10 +233,8 @@ def _grouped_gemm_block_fp8_kernel(
             h = round_to(h, tl.bfloat16)
         elif ACT == 1:
             h = round_to(h, tl.float16)
-        amax = tl.max(tl.abs(h), axis=1)
-        scale = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
-        q = tl.div_rn(h, scale[:, None])
-        q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
+        scale = fp8_scale(tl.max(tl.abs(h), axis=1))
+        q = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)  # FAST_DIV for bf16/fp16 values
         offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = offs_p.to(tl.int64)
         tl.store(c_ptr + rows[:, None] * stride_cm + offs_h[None, :], q.to(c_ptr.dtype.element_ty))
@@ -327,7 +325,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
         c.stride(0), cs.stride(0),
         TOPK=topk, GATHER=swiglu, SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], A_TMA=a_tma, B_TMA=b_tma,
         SPLIT_GU=swiglu and split_gate_up,
-        ALIGN_M=align_m,
+        ALIGN_M=align_m, SW_ROUND=sw_round(),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

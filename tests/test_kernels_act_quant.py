@@ -85,3 +85,40 @@ def test_real_shapes_cuda(m, k):
         q, s = act_quant.swiglu_quant(x, x.flip(1).contiguous(), per_group=per_group)
         ref = (F.silu(x.float()) * x.flip(1).float()).to(torch.bfloat16)
         check_quant(q.cpu(), s.cpu(), ref.cpu(), per_group, f"swiglu {m}x{k}")
+
+
+def _pairs_rows(dtype, amax_exps=(0,), lowest=-19):
+    """Groups of 128: [amax, x_1 .. x_127] with amax = every significand of ``dtype`` at each exponent of
+    ``amax_exps`` and the x every value of ``dtype`` (both signs, and -0.0) in [amax * 2^lowest, amax]:
+    the (value, scale) pairs whose FP8 quotient the kernels' division must get right."""
+    bits = torch.arange(0, 0x7F80 if dtype == torch.bfloat16 else 0x7C00, dtype=torch.int32)
+    allv = bits.to(torch.int16).view(dtype).float()
+    nsig = 128 if dtype == torch.bfloat16 else 1024
+    groups = []
+    for e in amax_exps:
+        sig = allv[(allv >= 2.0 ** e) & (allv < 2.0 ** (e + 1))][:nsig]
+        for a in sig[:: max(1, nsig // 128)]:
+            xs = allv[(allv <= a) & (allv >= a * 2.0 ** lowest)]
+            xs = torch.cat([xs, -xs, torch.tensor([-0.0, 0.0])])
+            xs = xs.repeat(-(-127 // len(xs)))  # at least one full group
+            xs = torch.cat([xs, xs[:(-len(xs)) % 127]]).view(-1, 127)
+            groups.append(torch.cat([torch.full((xs.shape[0], 1), float(a)), xs], dim=1))
+    return torch.cat(groups).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("amax_exps", [(0,), (-95, -100)], ids=["normal", "tiny-scales"])
+def test_division_is_exact_on_every_value_pair(dtype, amax_exps):
+    """quantize_values' reciprocal + FMA correction gives the IEEE quotient's FP8 value for every value
+    below each amax (all significands of amax; tiny amax gives scales below 2^-100, which take the
+    2^64 pre-scaling), -0.0 included. The full exhaustive check over every bf16/fp16 pair, float32
+    subnormal values and scales included (the interpreter mishandles those), is
+    benchmarks/check_quant_exhaustive.py on the GPU."""
+    if dtype == torch.float16 and amax_exps != (0,):
+        amax_exps = (-14, -20)  # fp16's smallest normal / subnormal binades
+    x = _pairs_rows(dtype, amax_exps).to(_dev())
+    q, s = act_quant.per_group_quant(x)
+    rq, rs = fp8.quantize_per_group(x.cpu())
+    assert torch.equal(s.cpu(), rs)
+    diff = (q.cpu().view(torch.uint8) != rq.view(torch.uint8)).sum().item()
+    assert diff == 0, f"{diff} of {q.numel()} FP8 values differ from the IEEE division's"

@@ -52,6 +52,19 @@ def test_gemm_ptr_promote():
     check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.bfloat16).cpu(), what="ptr promote")
 
 
+@pytest.mark.parametrize("variant,steps", [("ptr", 2), ("tma", 3), ("tma", 5)])
+def test_gemm_promotion_every_few_steps(variant, steps):
+    """Chains of ``steps`` BLOCK_K steps between FP32 adds, with a partial last chain (K = 7 steps of
+    32 plus a tail of 16): every step is counted exactly once."""
+    a, sa, b, sb = _operands(19, 40, 240, seed=11 + steps)
+    out = poison(torch.empty(19, 40, dtype=torch.float32, device=a.device))
+    fp8_gemm_nt(a, sa, b, sb, torch.float32, config=SMALL if not a.is_cuda else None, variant=variant,
+                out=out, promote=steps)
+    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} promote={steps}")
+    with pytest.raises(ValueError, match="promote"):
+        fp8_gemm_nt(a, sa, b, sb, promote=-1)
+
+
 def test_unwritten_output_fails():
     a, sa, b, sb = _operands(7, 40, 48, seed=3)
     out = poison(torch.empty(7, 40, dtype=torch.bfloat16, device=a.device))
