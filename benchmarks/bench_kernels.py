@@ -1,6 +1,6 @@
 """Build, check and time the FP8 kernels against torch's baselines at the 4b preset's shapes (issue 4).
 
-    python benchmarks/bench_kernels.py [--m 32,512,4096,16384] [--json OUT.json] [--sweep] [--quick]
+    python benchmarks/bench_kernels.py [--m 32,512,4096,16384] [--json OUT.json] [--sweep [quant,gemm,promote,grouped]]
 
 Per case one line `M N K | us | TFLOP/s | GB/s | x vs baseline`, then a summary of the issue's goals
 at the largest M (geometric means over the preset's shapes). Every timed output is first checked
@@ -39,6 +39,9 @@ from fp8conv.runtime.ops import rms_norm
 D, INTER, E, TOPK = 1408, 3840, 53, 3  # 4b preset (DESIGN)
 INTER_E = 1408  # routed expert width
 DENSE = [("q/o", 1408, 1408), ("k/v", 128, 1408), ("gate/up", 3840, 1408), ("down", 1408, 3840)]
+# the producer of each Linear's input in the model: RMSNorm before q/k/v and gate/up, SwiGLU before down
+# (o's producer is attention: it takes the standalone quantization, the "fp8 linear" rows)
+PRODUCER = {"q/o": "rmsnorm", "k/v": "rmsnorm", "gate/up": "rmsnorm", "down": "swiglu"}
 L2_BYTES = 50 * 2**20
 RESULTS: list[dict] = []
 
@@ -107,20 +110,46 @@ def scaled_mm(a, sa, b, sb, dtype=torch.bfloat16):
 
 # -- dense -----------------------------------------------------------------------------------------
 
-def _dense_set(m, n, k):
-    """One set of inputs: x bf16, the weight as bf16 and as FP8 (per channel), x pre-quantized."""
+def _dense_set(m, n, k, swiglu=False):
+    """One set of inputs: x bf16, the weight as bf16 and as FP8 (per channel), x pre-quantized, and for
+    a SwiGLU producer the (m, 2k) gate/up GEMM output it reads."""
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda") * k ** -0.5
     wq, ws = fp8.quantize_channel(w)
     xq, xs = fp8.quantize_per_token(x)
-    return x, w.to(torch.bfloat16), wq, ws, xq, xs
+    gu = (torch.randn(m, 2 * k, device="cuda") * 2).to(torch.bfloat16) if swiglu else None
+    return x, w.to(torch.bfloat16), wq, ws, xq, xs, gu
+
+
+def _silu_mul(g, u):
+    return torch.nn.functional.silu(g) * u
+
+
+_SILU_MUL = None
+
+
+def silu_mul_bf16():
+    """The bf16 baseline's SwiGLU: torch.compile'd silu(g) * u (one fused kernel, as a bf16 deployment
+    would run it); eager torch (two kernels) if compiling fails."""
+    global _SILU_MUL
+    if _SILU_MUL is None:
+        try:
+            fn = torch.compile(_silu_mul, dynamic=False)
+            g = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+            fn(g, g)
+            _SILU_MUL = fn
+        except Exception as exc:
+            print(f"  torch.compile unavailable ({type(exc).__name__}); eager silu * up as the baseline")
+            _SILU_MUL = _silu_mul
+    return _SILU_MUL
 
 
 def bench_dense(ms, sweep):
     for m in ms:
         for name, n, k in DENSE:
-            sets = rotating(lambda: _dense_set(m, n, k), 3 * m * k + 3 * n * k)
-            x, wb, wq, ws, xq, xs = sets[0]
+            swiglu = PRODUCER[name] == "swiglu"
+            sets = rotating(lambda: _dense_set(m, n, k, swiglu), (7 if swiglu else 3) * m * k + 3 * n * k)
+            x, wb, wq, ws, xq, xs, gu = sets[0]
             nw = 1 + 0.1 * torch.randn(k, device="cuda")
             flops = 2 * m * n * k
             lin_bytes = 2 * m * k + n * k + 2 * m * n
@@ -128,14 +157,14 @@ def bench_dense(ms, sweep):
             gemm_bytes = m * k + n * k + 2 * m * n
             ref_lin = ref_gemm_nt(xq, xs, wq, ws, torch.bfloat16)
 
-            bf = time_us(lambda x, wb, wq, ws, xq, xs: x @ wb.t(), sets)
+            bf = time_us(lambda x, wb, wq, ws, xq, xs, gu: x @ wb.t(), sets)
             record(name, "cublas bf16", m, n, k, bf, flops, bf_bytes)
             # torch FP8: eager per-token quantization + _scaled_mm rowwise
             try:
                 checked(scaled_mm(*torch_per_token_quant(x), wq, ws), ref_lin, "torch quant+_scaled_mm")
-                tq = time_us(lambda x, wb, wq, ws, xq, xs: scaled_mm(*torch_per_token_quant(x), wq, ws), sets)
+                tq = time_us(lambda x, wb, wq, ws, xq, xs, gu: scaled_mm(*torch_per_token_quant(x), wq, ws), sets)
                 record(name, "torch quant+_scaled_mm", m, n, k, tq, flops, lin_bytes, bf, "bf16")
-                smm = time_us(lambda x, wb, wq, ws, xq, xs: scaled_mm(xq, xs, wq, ws), sets)
+                smm = time_us(lambda x, wb, wq, ws, xq, xs, gu: scaled_mm(xq, xs, wq, ws), sets)
                 record(name, "_scaled_mm", m, n, k, smm, flops, gemm_bytes, bf, "bf16")
             except Exception as exc:
                 print(f"  torch._scaled_mm unavailable: {exc}")
@@ -143,10 +172,10 @@ def bench_dense(ms, sweep):
             # ours: GEMM alone, Linear (quant + GEMM), RMSNorm-fused Linear
             for variant in ("auto", "ptr"):
                 err = checked(fp8_gemm_nt(xq, xs, wq, ws, variant=variant), ref_lin, f"gemm {variant}")
-                g = time_us(lambda x, wb, wq, ws, xq, xs, v=variant: fp8_gemm_nt(xq, xs, wq, ws, variant=v), sets)
+                g = time_us(lambda x, wb, wq, ws, xq, xs, gu, v=variant: fp8_gemm_nt(xq, xs, wq, ws, variant=v), sets)
                 record(name, f"fp8_gemm {variant}", m, n, k, g, flops, gemm_bytes, smm, "_scaled_mm", err)
             err = checked(fp8_gemm_nt(*act_quant.per_token_quant(x), wq, ws), ref_lin, "linear")
-            lin = time_us(lambda x, wb, wq, ws, xq, xs: fp8_gemm_nt(*act_quant.per_token_quant(x), wq, ws), sets)
+            lin = time_us(lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(*act_quant.per_token_quant(x), wq, ws), sets)
             record(name, "fp8 linear (quant+gemm)", m, n, k, lin, flops, lin_bytes, bf, "bf16", err,
                    {"x_vs_torch_fp8": None if tq is None else round(tq / lin, 3)})
             qt = time_us(lambda x, *_: act_quant.per_token_quant(x), sets)
@@ -162,15 +191,34 @@ def bench_dense(ms, sweep):
             bfn = time_us(lambda x, wb, *_: torch.nn.functional.rms_norm(x, (k,), nwb, 1e-6) @ wb.t(), sets)
             record(name, "rms_norm+cublas bf16", m, n, k, bfn, flops, bf_bytes)
             fn = time_us(lambda x, wb, wq, ws, *_: fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), sets)
-            record(name, "fp8 rmsnorm_quant+gemm", m, n, k, fn, flops, lin_bytes, bfn, "norm+bf16", err)
-            if sweep and m == max(ms) and name in ("q/o", "down"):
+            record(name, "fp8 rmsnorm_quant+gemm", m, n, k, fn, flops, lin_bytes, bfn, "norm+bf16", err,
+                   {"goal": "producer"} if PRODUCER[name] == "rmsnorm" else None)
+            if swiglu:  # the down projection's real producer: SwiGLU of the gate/up output
+                g0, u0 = gu[:, :k], gu[:, k:]
+                ref_s = ref_gemm_nt(*fp8.quantize_per_token(
+                    (torch.nn.functional.silu(g0.float()) * u0.float()).to(torch.bfloat16)), wq, ws, torch.bfloat16)
+                err = checked(fp8_gemm_nt(*act_quant.swiglu_quant(g0, u0), wq, ws), ref_s, "swiglu linear")
+                sm = silu_mul_bf16()
+                bfs = time_us(lambda x, wb, wq, ws, xq, xs, gu: sm(gu[:, :k], gu[:, k:]) @ wb.t(), sets)
+                record(name, "silu*up+cublas bf16", m, n, k, bfs, flops, bf_bytes + 2 * m * k)
+                fs = time_us(lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(
+                    *act_quant.swiglu_quant(gu[:, :k], gu[:, k:]), wq, ws), sets)
+                record(name, "fp8 swiglu_quant+gemm", m, n, k, fs, flops, lin_bytes + 2 * m * k, bfs,
+                       "silu*up+bf16", err, {"goal": "producer"})
+                qs = time_us(lambda x, wb, wq, ws, xq, xs, gu: act_quant.swiglu_quant(gu[:, :k], gu[:, k:]), sets)
+                record(name, "  swiglu_quant only", m, n, k, qs, 0, 5 * m * k + 4 * m)
+            if "quant" in sweep and m == max(ms) and name in ("q/o", "down"):
                 sweep_quant(name, m, k, sets, nw)
-            if sweep and m == max(ms):
+            if "gemm" in sweep and m == max(ms):
                 sweep_gemm(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
+            if "promote" in sweep and m == max(ms) and k >= 2048:
+                sweep_promote(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
 
 
 def sweep_quant(name, m, k, sets, nw):
-    for rows, warps in [(1, 4), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8), (16, 8)]:
+    """Rows per program x warps, and an A/B of the division (IEEE tl.div_rn vs reciprocal + FMA
+    correction) and the FP8 rounding (software vs the hardware cast)."""
+    for rows, warps in [(1, 4), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]:
         cfg = KernelConfig(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=warps, num_stages=1)
         us = time_us(lambda x, *_: act_quant.per_token_quant(x, config=cfg), sets)
         record(name, f"sweep quant rows{rows} w{warps}", m, 0, k, us, 0, 3 * m * k + 4 * m, None, "", None,
@@ -178,6 +226,36 @@ def sweep_quant(name, m, k, sets, nw):
         us = time_us(lambda x, *_: act_quant.rmsnorm_quant(x, nw, 1e-6, config=cfg), sets)
         record(name, f"sweep rmsquant rows{rows} w{warps}", m, 0, k, us, 0, 3 * m * k + 4 * m, None, "", None,
                {"config": cfg.to_dict(), "sweep": True})
+    for fast_div, soft in itertools.product((False, True), (True, False)):
+        for prod, label in ((act_quant._NONE, "quant"), (act_quant._RMSNORM, "rmsquant")):
+            def run(x, *_):
+                return act_quant._launch(x, None, nw if prod else None, 1e-6, prod, False, None,
+                                         fast_div=fast_div, soft_round=soft)
+            us = time_us(run, sets)
+            record(name, f"ab {label} fast_div={fast_div} soft_round={soft}", m, 0, k, us, 0,
+                   3 * m * k + 4 * m, None, "", None, {"sweep": True})
+
+
+def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes):
+    """FP8 promotion interval (BLOCK_K steps per wgmma chain) x tiles at a long K."""
+    tiles = [(128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 256, 8, 3),
+             (256, 128, 128, 8, 3)]
+    for (bm, bn, bk, w, st), steps in itertools.product(tiles, (0, 1, 2, 4, 8)):
+        if bk == 256 and steps == 8:
+            continue
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
+        for variant in ("tma",) if (bm, bn) != (128, 128) or w != 8 else ("tma", "tma_ws"):
+            tag = f"promote {steps} x {bk} {variant} {bm}x{bn}x{bk} w{w}s{st}"
+            try:
+                run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(  # noqa: E731
+                    xq, xs, wq, ws, config=cfg, variant=variant, promote=steps)
+                err = checked(run(*sets[0]), ref, tag)
+                us = time_us(run, sets)
+            except Exception as exc:
+                print(f"  skip {tag}: {type(exc).__name__}: {str(exc)[:120]}")
+                continue
+            record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
+                   {"config": cfg.to_dict(), "sweep": True, "kernel_variant": variant, "promote": steps})
 
 
 def gemm_candidates(m):
@@ -195,14 +273,13 @@ def sweep_gemm(name, m, n, k, sets, ref, smm, flops, nbytes):
     """Time candidate configs (and kernel variants). A candidate whose check fails is still timed
     (to show what the promotion costs) but never chosen as best."""
     best = None
-    x, wb, wq, ws, xq, xs = sets[0]
-    variants = [("tma", None), ("tma", not (k >= 2048)), ("tma_ws", None)]
+    variants = [("tma", None), ("tma_ws", None)]
     for cfg in gemm_candidates(m):
         for variant, promote in variants:
             tag = (f"sweep {variant}{'' if promote is None else ' promote=' + str(promote)} "
                    f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps}s{cfg.num_stages}")
             try:
-                run = lambda x, wb, wq, ws, xq, xs: fp8_gemm_nt(  # noqa: E731
+                run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(  # noqa: E731
                     xq, xs, wq, ws, config=cfg, variant=variant, promote=promote)
                 err = checked(run(*sets[0]), ref, tag)
                 us = time_us(run, sets)
@@ -321,7 +398,7 @@ def bench_moe(ms, sweep):
         if tb:
             record("experts", "bf16 layer (torch)", m, 0, 0, tb, f13 + f2, 0)
         record("experts", "fp8 layer (fused_experts)", m, 0, 0, tf, f13 + f2, 0, tb, "bf16 layer", err)
-        if sweep and m == max(ms):
+        if "grouped" in sweep and m == max(ms):
             sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2)
 
 
@@ -369,7 +446,7 @@ def summary(m):
         out = []
         for name, _, _ in DENSE:
             rs = [r["x_vs_baseline"] for r in RESULTS if r["case"] == name and r["M"] == m and r.get("sweep")
-                  and r["variant"].startswith("sweep") and r["x_vs_baseline"] and r["mean_rel_err"] is not None
+                  and r.get("kernel_variant") and r["x_vs_baseline"] and r["mean_rel_err"] is not None
                   and r["mean_rel_err"] == r["mean_rel_err"]]
             if rs:
                 out.append(max(rs))
@@ -379,7 +456,9 @@ def summary(m):
         ("FP8 Linear incl. quant vs cuBLAS bf16", geomean(ratios("fp8 linear (quant+gemm)")), 1.5),
         ("FP8 Linear incl. quant vs torch quant+_scaled_mm", geomean(ratios("fp8 linear (quant+gemm)",
                                                                             "x_vs_torch_fp8")), 1.3),
-        ("RMSNorm-fused FP8 Linear vs rms_norm+cuBLAS bf16", geomean(ratios("fp8 rmsnorm_quant+gemm")), 1.5),
+        ("RMSNorm-fused FP8 Linear vs rms_norm+cuBLAS bf16", geomean(ratios("fp8 rmsnorm_quant+gemm")), None),
+        ("producer-fused FP8 Linear vs producer+cuBLAS bf16", geomean(
+            [r["x_vs_baseline"] for r in RESULTS if r.get("goal") == "producer" and r["M"] == m]), 1.5),
         ("FP8 GEMM alone (default cfg) vs _scaled_mm", geomean(ratios("fp8_gemm auto")), 1.0),
         ("FP8 GEMM alone (best swept cfg) vs _scaled_mm", geomean(best_sweep_ratio()), 1.0),
         ("grouped FP8 expert GEMMs vs _grouped_mm bf16", geomean(ratios("fp8 both GEMMs")), 1.6),
@@ -396,12 +475,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="32,512,4096,16384")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--sweep", action="store_true", help="also time candidate configs at M >= 4096")
+    ap.add_argument("--sweep", nargs="?", const="quant,gemm,promote,grouped", default="",
+                    help="also time candidates at the largest M: comma list of quant,gemm,promote,grouped "
+                         "(all if given without a value)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: dense,moe")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_kernels needs a CUDA GPU")
     ms = [int(v) for v in args.m.split(",")]
+    args.sweep = set(filter(None, args.sweep.split(",")))
     props = torch.cuda.get_device_properties(0)
     env = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
            "triton": triton.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),

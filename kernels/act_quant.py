@@ -207,7 +207,8 @@ def _check_rows(x: torch.Tensor, name: str) -> None:
 
 
 def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig | None, out=None,
-            fast_div: bool | None = None):
+            fast_div: bool | None = None, soft_round: bool | None = None):
+    # fast_div / soft_round: None = the defaults (fast_div_ok, sw_round); the benchmark A/Bs them
     m, k = x.shape
     ng_real = triton.cdiv(k, GROUP)
     ns = ng_real if per_group else 1
@@ -229,7 +230,8 @@ def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig |
         x.stride(0), u.stride(0) if u is not None else 0, float(eps),
         q, s, m, k, ns,
         PRODUCER=producer, PER_GROUP=per_group, ROWS=rows, NH=nh, NT=nt, GS=GROUP,
-        FAST_DIV=fast_div_ok(x.dtype) if fast_div is None else fast_div, SW_ROUND=sw_round(),
+        FAST_DIV=fast_div_ok(x.dtype) if fast_div is None else fast_div,
+        SW_ROUND=sw_round() if soft_round is None else soft_round,
         num_warps=cfg.num_warps,
     )
     return q, s
