@@ -238,14 +238,13 @@ def sweep_quant(name, m, k, sets, nw):
 
 def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes):
     """FP8 promotion interval (BLOCK_K steps per wgmma chain) x tiles at a long K."""
-    tiles = [(128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 256, 8, 3),
-             (256, 128, 128, 8, 3)]
-    for (bm, bn, bk, w, st), steps in itertools.product(tiles, (0, 1, 2, 4, 8)):
-        if bk == 256 and steps == 8:
-            continue
+    tiles = [(128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4),
+             (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 128, 8, 3), (128, 128, 256, 8, 3),
+             (256, 128, 64, 8, 3)]
+    for (bm, bn, bk, w, st), steps in itertools.product(tiles, (0, 1, 2)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
         for variant in ("tma",) if (bm, bn) != (128, 128) or w != 8 else ("tma", "tma_ws"):
-            tag = f"promote {steps} x {bk} {variant} {bm}x{bn}x{bk} w{w}s{st}"
+            tag = f"promote {steps} {variant} {bm}x{bn}x{bk} w{w}s{st}"
             try:
                 run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(  # noqa: E731
                     xq, xs, wq, ws, config=cfg, variant=variant, promote=steps)

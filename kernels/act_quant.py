@@ -73,7 +73,7 @@ def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
     every pair of bf16 (and fp16) values -- checked exhaustively, on the CPU and on the GPU
     (benchmarks/check_quant_exhaustive.py) -- once scales below 2^-100 (amax below ~1e-28, whose
     reciprocal would overflow) are first multiplied by 2^64 together with y (exact: powers of two).
-    The remainder's sign convention keeps -0.0 as -0.0. Without FAST_DIV (float32 activations):
+    q takes y's sign bit (so -0.0 stays -0.0). Without FAST_DIV (float32 activations):
     IEEE division (``tl.div_rn``; Triton's ``/`` on float32 is approximate).
 
     SW_ROUND: round to FP8 values in float32 integer arithmetic (round_to_e4m3) so the cast that follows
@@ -87,6 +87,9 @@ def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
         q0 = y2 * r
         e = tl.fma(q0, s2, -y2)
         q = tl.fma(-e, r, q0)
+        # y's sign bit on q: the compiled FMAs turned -0.0 into +0.0 on an H100 (the exhaustive check)
+        q = (q.to(tl.int32, bitcast=True) | (y.to(tl.int32, bitcast=True) & -2147483648)).to(
+            tl.float32, bitcast=True)
     else:
         q = tl.div_rn(y, scale)
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)

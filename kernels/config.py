@@ -34,8 +34,8 @@ class KernelConfig:
 # fp8_gemm adds each BLOCK_K chunk's product to the FP32 accumulator separately from this K on
 # (kernels/fp8_gemm.py says why)
 PROMOTE_MIN_K = 2048
-# ... as one wgmma chain of this many K per FP32 add (kernels/fp8_gemm.py, _promote_default)
-PROMOTE_CHAIN_K = 512
+# ... in this mode (kernels/fp8_gemm.py, PROMOTE_MODES)
+PROMOTE_DEFAULT = 2
 
 
 # -- documented defaults (used when no tuned config applies; see docs/kernels.md) ---------------------
@@ -49,9 +49,13 @@ PROMOTE_CHAIN_K = 512
 #   block each, giving one 128-wide 1x128 quantization group of the SwiGLU output); the down GEMM takes
 #   BLOCK_N 128. BLOCK_M is also the per-expert padding of the token segments.
 # act_quant: BLOCK_M = rows per program (power of two), num_warps; the other fields are unused.
+# topk (kernels/topk.py; m = rows R, n = row length C, k = k): BLOCK_N = elements per program chunk of
+#   the multi-program path (rows longer than topk.SMALL_C), a power of two between 16K and 1M chosen so
+#   that ~1024 programs stream the input (R = 32, C = 4M: 128K, 32 programs per row); BLOCK_K =
+#   elements per loop step (4096); num_warps 8; the other fields are unused.
 
 def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
-    """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "act_quant") at
+    """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "act_quant", "topk") at
     M tokens (rows per expert for the grouped GEMM: total rows / experts), N outputs, K inputs.
     gate_up: for the grouped GEMM, whether this is the fused gate/up GEMM (None: guessed as n > k,
     true of the packed [E, 2*I, d] weight whenever 2*I > d; callers that know should say)."""
@@ -63,8 +67,8 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         # H100 sweep at M = 16384 (docs/benchmarks.md): 128x256x128, 8 warps, 3 stages is best or within
         # 1% of best on every preset shape; with promotion (K >= PROMOTE_MIN_K) the second accumulator
         # makes 128x256 spill, and 128x128x128 w8 s4 is best.
-        if k >= PROMOTE_MIN_K:  # promoted every 256: 0.86x _scaled_mm at 1408x3840 (every 128: 0.74x)
-            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3)
+        if k >= PROMOTE_MIN_K:  # two interleaved chains: each stage holds two K steps of the tile
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
         if n <= 128:
             return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
         return KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
@@ -78,15 +82,20 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         # down: 64x128, 4 warps, 3 stages with TMA measured best at 49152 rows (1.16x _grouped_mm bf16)
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if kernel == "act_quant":
-        # rows per program (BLOCK_M, a power of two) so that a program holds ~2K elements: one row at
-        # the preset's widths (H100 sweep: 1 row / 4 warps best at K = 1408 and 3840). A row computes
-        # head + tail lanes (act_quant.group_tiles): 12 groups of 128 at K = 1408, 32 at 3840.
+        # rows per program (BLOCK_M, a power of two) so that a program holds ~4-8K lanes: a row computes
+        # head + tail lanes (act_quant.group_tiles), 12 groups of 128 at K = 1408, 32 at 3840. H100 sweep
+        # (docs/benchmarks.md): 4 rows / 4 warps best at K = 1408, 2 rows / 4 warps at 3840.
         ng = max(1, -(-k // 128))
         nh = 1 << (ng.bit_length() - 1)
         lanes = 128 * (nh + ((1 << (ng - nh - 1).bit_length()) if ng > nh else 0))
-        rows = 1 << (max(1, min(16, 2048 // lanes)).bit_length() - 1)  # a power of two
+        rows = 1 << (max(1, min(16, 8192 // lanes)).bit_length() - 1)  # a power of two
         return KernelConfig(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
-    raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm' or 'act_quant'")
+    if kernel == "topk":
+        per_prog = -(-max(1, m) * max(1, n) // 1024)
+        chunk = 1 << max(14, min(20, (per_prog - 1).bit_length()))
+        return KernelConfig(BLOCK_M=1, BLOCK_N=chunk, BLOCK_K=4096, GROUP_M=1, num_warps=8, num_stages=1)
+    raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm', 'act_quant' or "
+                     f"'topk'")
 
 
 def resolve_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> tuple[KernelConfig, str]:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from fp8conv.kernels.act_quant import round_to
-from fp8conv.kernels.config import PROMOTE_CHAIN_K, PROMOTE_MIN_K, KernelConfig, default_config
+from fp8conv.kernels.config import PROMOTE_DEFAULT, PROMOTE_MIN_K, KernelConfig, default_config
 
 KERNEL_NAME = "fp8_gemm"
 
@@ -37,23 +37,6 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (tile % width) % size_m
     pid_n = (tile % width) // size_m
     return pid_m, pid_n
-
-
-@triton.jit
-def _accumulate(a, b, acc, part, ki, PROMOTE: tl.constexpr):
-    """One BLOCK_K step. PROMOTE 0: one wgmma chain over all of K (acc); 1: each step's product added
-    to the FP32 accumulator; P > 1: a chain of P steps (part) added to acc every P steps (the caller
-    adds the last partial chain)."""
-    if PROMOTE == 0:
-        acc = tl.dot(a, b.T, acc)
-    elif PROMOTE == 1:
-        acc += tl.dot(a, b.T)
-    else:
-        part = tl.dot(a, b.T, part)
-        if ki % PROMOTE == PROMOTE - 1:
-            acc += part
-            part = tl.zeros_like(part)
-    return acc, part
 
 
 @triton.jit
@@ -73,16 +56,31 @@ def _fp8_gemm_nt_kernel(
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kmask = (offs_k + k0) < K
-        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
-        acc, part = _accumulate(a, b, acc, part, k0 // BLOCK_K, PROMOTE)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    if PROMOTE > 1:
-        acc += part
+    if PROMOTE == 2:  # two interleaved wgmma chains (even / odd K steps), added once at the end
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, 2 * BLOCK_K):
+            kmask = (offs_k + k0) < K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
+            kmask = (offs_k + k0 + BLOCK_K) < K
+            a1 = tl.load(a_ptrs + BLOCK_K, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+            b1 = tl.load(b_ptrs + BLOCK_K, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
+            acc = tl.dot(a, b.T, acc)
+            acc2 = tl.dot(a1, b1.T, acc2)
+            a_ptrs += 2 * BLOCK_K
+            b_ptrs += 2 * BLOCK_K
+        acc += acc2
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            kmask = (offs_k + k0) < K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
+            if PROMOTE == 1:  # see PROMOTE_MODES
+                acc += tl.dot(a, b.T)
+            else:
+                acc = tl.dot(a, b.T, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
     # epilogue: per-token x per-channel scales
     sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -110,13 +108,24 @@ def _fp8_gemm_nt_tma_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_tiles):
-            a = a_desc.load([off_m, ki * BLOCK_K])
-            b = b_desc.load([off_n, ki * BLOCK_K])
-            acc, part = _accumulate(a, b, acc, part, ki, PROMOTE)
-        if PROMOTE > 1:
-            acc += part
+        if PROMOTE == 2:  # two interleaved chains; a step past K is a zero-filled TMA box
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kp in range(tl.cdiv(k_tiles, 2)):
+                a = a_desc.load([off_m, 2 * kp * BLOCK_K])
+                b = b_desc.load([off_n, 2 * kp * BLOCK_K])
+                a1 = a_desc.load([off_m, (2 * kp + 1) * BLOCK_K])
+                b1 = b_desc.load([off_n, (2 * kp + 1) * BLOCK_K])
+                acc = tl.dot(a, b.T, acc)
+                acc2 = tl.dot(a1, b1.T, acc2)
+            acc += acc2
+        else:
+            for ki in range(k_tiles):
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                b = b_desc.load([off_n, ki * BLOCK_K])
+                if PROMOTE == 1:
+                    acc += tl.dot(a, b.T)
+                else:
+                    acc = tl.dot(a, b.T, acc)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
         sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
@@ -129,21 +138,25 @@ def _fp8_gemm_nt_tma_kernel(
 # Hopper's FP8 tensor cores accumulate a wgmma chain in less than FP32 precision; over long K the
 # error of one chained accumulator reaches the 1e-3 gate (measured on an H100: mean rel. error 5.5e-4
 # at K = 1408, 1.05e-3 at K = 3840 against the float32 reference). PROMOTE adds each BLOCK_K chunk's
-# product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion). Adding every
-# step serialises the tensor cores on the add; a chain of PROMOTE_CHAIN_K (several steps) between adds
-# keeps most of the speed and the error of a short chain.
-def _promote_default(k: int, block_k: int) -> int:
-    """Steps per wgmma chain between FP32 adds (0: no promotion)."""
-    return 0 if k < PROMOTE_MIN_K else max(1, PROMOTE_CHAIN_K // block_k)
+# product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion; PROMOTE 1), but
+# that serialises the tensor cores on the add (0.75-0.87x of one chain at K = 3840 on an H100). PROMOTE
+# 2 runs two interleaved chains (even and odd K steps) into two accumulators, added once at the end:
+# each chain is half as long, and the wgmma chain is not broken. (Adding a chain every P steps under
+# an `if` in the K loop stopped Triton's software pipelining: 0.55-0.77x, measured and dropped.)
+PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "two interleaved chains"}
 
 
-def _promote_steps(promote: bool | int | None, k: int, block_k: int) -> int:
+def _promote_default(k: int) -> int:
+    return PROMOTE_DEFAULT if k >= PROMOTE_MIN_K else 0
+
+
+def _promote_mode(promote: bool | int | None, k: int) -> int:
     if promote is None:
-        return _promote_default(k, block_k)
-    steps = int(promote)
-    if steps < 0:
-        raise ValueError(f"promote must be None, a bool or a number of BLOCK_K steps >= 0, got {promote!r}")
-    return steps
+        return _promote_default(k)
+    if int(promote) not in PROMOTE_MODES:
+        raise ValueError(f"promote must be None, a bool or one of {sorted(PROMOTE_MODES)} "
+                         f"({', '.join(PROMOTE_MODES.values())}), got {promote!r}")
+    return int(promote)
 
 
 @functools.lru_cache(maxsize=None)
@@ -203,8 +216,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the documented default).
     out: optional preallocated contiguous (M, N) ``out_dtype`` tensor.
     promote: FP32 promotion of the tensor cores' chained sums: False/0 none, True/1 every BLOCK_K step,
-    an int P every P steps; None: every PROMOTE_CHAIN_K of K when K >= PROMOTE_MIN_K (see the comment
-    at _promote_default). variant "tma_ws": TMA + warp specialization.
+    2 two interleaved chains; None: PROMOTE_DEFAULT when K >= PROMOTE_MIN_K (see the comment at
+    PROMOTE_MODES). variant "tma_ws": TMA + warp specialization.
     """
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
     if out is None:
@@ -216,7 +229,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     cfg = config or default_config(KERNEL_NAME, m, n, k)
     a_scale = a_scale.reshape(-1).contiguous()
     b_scale = b_scale.reshape(-1).contiguous()
-    promote = _promote_steps(promote, k, cfg.BLOCK_K)
+    promote = _promote_mode(promote, k)
     use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n, k, out_dtype)
                                                and a.is_contiguous() and b.is_contiguous())
     if use_tma:

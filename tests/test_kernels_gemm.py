@@ -52,17 +52,18 @@ def test_gemm_ptr_promote():
     check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.bfloat16).cpu(), what="ptr promote")
 
 
-@pytest.mark.parametrize("variant,steps", [("ptr", 2), ("tma", 3), ("tma", 5)])
-def test_gemm_promotion_every_few_steps(variant, steps):
-    """Chains of ``steps`` BLOCK_K steps between FP32 adds, with a partial last chain (K = 7 steps of
-    32 plus a tail of 16): every step is counted exactly once."""
-    a, sa, b, sb = _operands(19, 40, 240, seed=11 + steps)
+@pytest.mark.parametrize("variant,k", [("ptr", 240), ("tma", 240), ("tma", 224), ("ptr", 32)])
+def test_gemm_two_interleaved_chains(variant, k):
+    """promote=2: even and odd BLOCK_K steps in two accumulators. K = 240 is 7 steps of 32 plus a tail
+    of 16 (odd count: the last odd step is past K), 224 exactly 7, 32 a single step: every step counted
+    once."""
+    a, sa, b, sb = _operands(19, 40, k, seed=11 + k)
     out = poison(torch.empty(19, 40, dtype=torch.float32, device=a.device))
     fp8_gemm_nt(a, sa, b, sb, torch.float32, config=SMALL if not a.is_cuda else None, variant=variant,
-                out=out, promote=steps)
-    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} promote={steps}")
+                out=out, promote=2)
+    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} K={k} promote=2")
     with pytest.raises(ValueError, match="promote"):
-        fp8_gemm_nt(a, sa, b, sb, promote=-1)
+        fp8_gemm_nt(a, sa, b, sb, promote=3)
 
 
 def test_unwritten_output_fails():
