@@ -238,9 +238,8 @@ def sweep_quant(name, m, k, sets, nw):
 
 def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes):
     """FP8 promotion interval (BLOCK_K steps per wgmma chain) x tiles at a long K."""
-    tiles = [(128, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 128, 64, 8, 4),
-             (128, 128, 64, 4, 4), (128, 256, 64, 8, 3), (128, 256, 128, 8, 3), (128, 128, 256, 8, 3),
-             (256, 128, 64, 8, 3)]
+    tiles = [(128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 128, 128, 4, 4),
+             (128, 256, 128, 8, 3), (128, 128, 64, 8, 5)]
     for (bm, bn, bk, w, st), steps in itertools.product(tiles, (0, 1, 2)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
         for variant in ("tma",) if (bm, bn) != (128, 128) or w != 8 else ("tma", "tma_ws"):

@@ -67,8 +67,8 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         # H100 sweep at M = 16384 (docs/benchmarks.md): 128x256x128, 8 warps, 3 stages is best or within
         # 1% of best on every preset shape; with promotion (K >= PROMOTE_MIN_K) the second accumulator
         # makes 128x256 spill, and 128x128x128 w8 s4 is best.
-        if k >= PROMOTE_MIN_K:  # two interleaved chains: each stage holds two K steps of the tile
-            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+        if k >= PROMOTE_MIN_K:  # two accumulators (promotion): 128 x 128 at 8 warps
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
         if n <= 128:
             return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
         return KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)

@@ -56,19 +56,23 @@ def _fp8_gemm_nt_kernel(
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PROMOTE == 2:  # two interleaved wgmma chains (even / odd K steps), added once at the end
+    if PROMOTE == 2:  # two wgmma chains (first and second half of K) in two accumulators, added once
         acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, 2 * BLOCK_K):
+        k_half = tl.cdiv(tl.cdiv(K, BLOCK_K), 2) * BLOCK_K
+        for k0 in range(0, k_half, BLOCK_K):
             kmask = (offs_k + k0) < K
             a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
-            kmask = (offs_k + k0 + BLOCK_K) < K
-            a1 = tl.load(a_ptrs + BLOCK_K, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-            b1 = tl.load(b_ptrs + BLOCK_K, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
             acc = tl.dot(a, b.T, acc)
-            acc2 = tl.dot(a1, b1.T, acc2)
-            a_ptrs += 2 * BLOCK_K
-            b_ptrs += 2 * BLOCK_K
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        for k0 in range(k_half, K, BLOCK_K):
+            kmask = (offs_k + k0) < K
+            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
+            acc2 = tl.dot(a, b.T, acc2)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
         acc += acc2
     else:
         for k0 in range(0, K, BLOCK_K):
@@ -108,15 +112,17 @@ def _fp8_gemm_nt_tma_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PROMOTE == 2:  # two interleaved chains; a step past K is a zero-filled TMA box
+        if PROMOTE == 2:  # two chains: first and second half of the K steps
             acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for kp in range(tl.cdiv(k_tiles, 2)):
-                a = a_desc.load([off_m, 2 * kp * BLOCK_K])
-                b = b_desc.load([off_n, 2 * kp * BLOCK_K])
-                a1 = a_desc.load([off_m, (2 * kp + 1) * BLOCK_K])
-                b1 = b_desc.load([off_n, (2 * kp + 1) * BLOCK_K])
+            k_half = tl.cdiv(k_tiles, 2)
+            for ki in range(k_half):
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                b = b_desc.load([off_n, ki * BLOCK_K])
                 acc = tl.dot(a, b.T, acc)
-                acc2 = tl.dot(a1, b1.T, acc2)
+            for ki in range(k_half, k_tiles):
+                a = a_desc.load([off_m, ki * BLOCK_K])
+                b = b_desc.load([off_n, ki * BLOCK_K])
+                acc2 = tl.dot(a, b.T, acc2)
             acc += acc2
         else:
             for ki in range(k_tiles):
@@ -139,11 +145,12 @@ def _fp8_gemm_nt_tma_kernel(
 # error of one chained accumulator reaches the 1e-3 gate (measured on an H100: mean rel. error 5.5e-4
 # at K = 1408, 1.05e-3 at K = 3840 against the float32 reference). PROMOTE adds each BLOCK_K chunk's
 # product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion; PROMOTE 1), but
-# that serialises the tensor cores on the add (0.75-0.87x of one chain at K = 3840 on an H100). PROMOTE
-# 2 runs two interleaved chains (even and odd K steps) into two accumulators, added once at the end:
-# each chain is half as long, and the wgmma chain is not broken. (Adding a chain every P steps under
-# an `if` in the K loop stopped Triton's software pipelining: 0.55-0.77x, measured and dropped.)
-PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "two interleaved chains"}
+# that serialises the tensor cores on the add (0.75-0.88x of one chain at K = 3840 on an H100). PROMOTE
+# 2 runs two chains, the first and the second half of K, in two accumulators added once at the end:
+# each chain is half as long (7.3e-4 at K = 3840) and each half is an unbroken, pipelined wgmma chain.
+# Measured and dropped: a chain added every P steps under an `if` in the K loop (stops Triton's
+# software pipelining: 0.55-0.77x), two interleaved chains (even/odd steps: 0.82x, doubles the stage).
+PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "two chains, one per half of K"}
 
 
 def _promote_default(k: int) -> int:
@@ -216,7 +223,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the documented default).
     out: optional preallocated contiguous (M, N) ``out_dtype`` tensor.
     promote: FP32 promotion of the tensor cores' chained sums: False/0 none, True/1 every BLOCK_K step,
-    2 two interleaved chains; None: PROMOTE_DEFAULT when K >= PROMOTE_MIN_K (see the comment at
+    2 two chains (one per half of K); None: PROMOTE_DEFAULT when K >= PROMOTE_MIN_K (see the comment at
     PROMOTE_MODES). variant "tma_ws": TMA + warp specialization.
     """
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)

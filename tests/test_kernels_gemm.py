@@ -53,10 +53,10 @@ def test_gemm_ptr_promote():
 
 
 @pytest.mark.parametrize("variant,k", [("ptr", 240), ("tma", 240), ("tma", 224), ("ptr", 32)])
-def test_gemm_two_interleaved_chains(variant, k):
-    """promote=2: even and odd BLOCK_K steps in two accumulators. K = 240 is 7 steps of 32 plus a tail
-    of 16 (odd count: the last odd step is past K), 224 exactly 7, 32 a single step: every step counted
-    once."""
+def test_gemm_two_chains(variant, k):
+    """promote=2: the first and second half of the BLOCK_K steps in two accumulators. K = 240 is 7 steps
+    of 32 plus a tail of 16, 224 exactly 7 (odd: halves of 4 and 3), 32 a single step (second half
+    empty): every step counted once."""
     a, sa, b, sb = _operands(19, 40, k, seed=11 + k)
     out = poison(torch.empty(19, 40, dtype=torch.float32, device=a.device))
     fp8_gemm_nt(a, sa, b, sb, torch.float32, config=SMALL if not a.is_cuda else None, variant=variant,

@@ -18,7 +18,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from fp8conv.kernels.config import PROMOTE_DEFAULT, PROMOTE_MIN_K, KernelConfig, default_config
+from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config
 from fp8conv.tuning.shapes import Problem
 
 ACC_REGS_BUDGET = 160  # fp32 accumulator registers per thread beyond which spills start (docs/kernels.md)
@@ -81,8 +81,6 @@ def shared_bytes(p: Problem, c: KernelConfig) -> int:
     """Shared memory of one program: the FP8 operand ring, plus for fp8_gemm the bf16 tile its TMA store
     stages (the grouped GEMM stores from registers; its layout conversions reuse the ring)."""
     ring = c.num_stages * (c.BLOCK_M + c.BLOCK_N) * c.BLOCK_K
-    if p.kernel == "fp8_gemm" and p.k >= PROMOTE_MIN_K and PROMOTE_DEFAULT == 2:
-        ring *= 2  # two interleaved chains: each stage holds two K steps (kernels/fp8_gemm.py)
     epilogue = c.BLOCK_M * c.BLOCK_N * 2 if p.kernel == "fp8_gemm" else 0
     return ring + epilogue
 
