@@ -26,11 +26,24 @@ from fp8conv.kernels.config import KernelConfig, default_config
 FP8_MAX = 448.0
 GROUP = 128
 
+
+def sw_round() -> bool:
+    """Whether kernels must round in software (Triton's interpreter is on; it is chosen when a kernel is
+    decorated, so reading the environment at import is what Triton itself does)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+_SOFT_BF16 = tl.constexpr(sw_round())
+
+
 @triton.jit
 def round_to(x, DTYPE: tl.constexpr):
-    """float32 x rounded to DTYPE (bf16/fp16/fp32) and back, round-to-nearest-even. bf16 by integer
-    arithmetic: bit-exact with torch's cast, also under TRITON_INTERPRET (whose bf16 cast truncates)."""
-    if DTYPE == tl.bfloat16:
+    """float32 x rounded to DTYPE (bf16/fp16/fp32) and back, round-to-nearest-even. bf16 under
+    TRITON_INTERPRET (whose bf16 cast truncates) by integer arithmetic, bit-exact with torch's cast; on
+    the GPU by the hardware conversion (cvt.rn.bf16.f32), which rounds to nearest even itself."""
+    if DTYPE == tl.bfloat16 and not _SOFT_BF16:
+        return x.to(tl.bfloat16).to(tl.float32)
+    elif DTYPE == tl.bfloat16:
         u = x.to(tl.uint32, bitcast=True)
         u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
         return u.to(tl.float32, bitcast=True)
@@ -96,11 +109,6 @@ def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
     if SW_ROUND:
         q = round_to_e4m3(q)
     return q
-
-
-def sw_round() -> bool:
-    """Whether kernels must round to FP8 values in software (Triton's interpreter is on)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def fast_div_ok(dtype: torch.dtype) -> bool:
