@@ -7,17 +7,17 @@ OUT=${OUT:-/tmp/fp8conv-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
-  | tee "$OUT/env.txt"
+  | tee -a "$OUT/check.log"
 if ! python3 -c "import fp8conv.kernels.fp8_gemm" 2>/dev/null; then
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/fp8conv-pip.log 2>&1
 fi
 python3 -c "import fp8conv.kernels.fp8_gemm" || exit 1
-timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -8
+timeout 300 python3 -m pytest -q -p no:cacheprovider -m cuda tests 2>&1 | tee -a "$OUT/check.log" | tail -8
 W=$(mktemp -d)
 python3 -m fp8conv.cli example "$W/ex" >/dev/null
 python3 -m fp8conv.cli quantize "$W/ex" "$W/ex8" >/dev/null 2>&1 || echo "quantize failed"
 for be in reference triton; do
   echo "== verify --device cuda --backend $be"
   /usr/bin/time -f "wall %e s" python3 -m fp8conv.cli verify "$W/ex" "$W/ex8" --device cuda --backend $be \
-    2>&1 | tee "$OUT/verify_$be.log" | grep -E "top-1|Recall|head|PASS|FAIL|wall|error"
+    2>&1 | tee -a "$OUT/check.log" | grep -E "top-1|Recall|head|PASS|FAIL|wall|error"
 done

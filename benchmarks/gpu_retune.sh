@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/fp8conv-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if ! python3 -c "import fp8conv.kernels.fp8_gemm" 2>/dev/null; then
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/fp8conv-pip.log 2>&1
 fi
 python3 -c "import fp8conv.kernels.fp8_gemm" || exit 1
 DEV=$(python3 -c "from fp8conv.tuning.cache import device_key; import torch; print(device_key(torch.cuda.get_device_name()))" 2>/dev/null \
@@ -18,12 +18,12 @@ DEV=$(python3 -c "from fp8conv.tuning.cache import device_key; import torch; pri
 echo "device folder: $DEV"
 rm -rf "$OUT/tc"
 python3 benchmarks/bench_tune.py --preset 4b --batch 32 --beam 512 --cache "$OUT/tc" "$@" \
-  --json-out "$OUT/tune_4b.json" 2>&1 | tee "$OUT/tune_4b.log" | tail -12
+  --json-out "$OUT/tune_4b.json" 2>&1 | tee -a "$OUT/tune.log" | tail -12
 W=$(mktemp -d)
 python3 -m fp8conv.cli example "$W/ex" >/dev/null
 python3 -m fp8conv.cli quantize "$W/ex" "$W/ex8" >/dev/null  # tune reads the schemes from FP8 weights
 python3 benchmarks/bench_tune.py "$W/ex8" --batch 32 --beam 512 --cache "$OUT/tc" "$@" \
-  --json-out "$OUT/tune_example.json" 2>&1 | tee "$OUT/tune_example.log" | tail -6
+  --json-out "$OUT/tune_example.json" 2>&1 | tee -a "$OUT/tune.log" | tail -6
 if [[ -d "$OUT/tc/$DEV" ]]; then
   rm -f "$OUT/tc/$DEV/.lock"
   rm -rf "tuning_cache/$DEV" && cp -r "$OUT/tc/$DEV" "tuning_cache/$DEV"

@@ -7,7 +7,8 @@ Dispatch, per call:
   (weights concatenated at first use), fused SwiGLU + quantization, the down GEMM. Else per-Linear.
 - ``experts``: block-FP8 experts -> the grouped pipeline (grouped_gemm.fused_experts) on weights
   packed at first use. Else the reference.
-- attention, top-k, norms: inherited from the reference.
+- ``topk`` (beam search): kernels/topk.py on CUDA.
+- attention, norms: inherited from the reference.
 
 Kernels run when the input is on CUDA, or on the CPU when Triton's interpreter is on
 (TRITON_INTERPRET=1; the tests use that) and the backend was built with ``allow_interpreter=True``.
@@ -28,6 +29,7 @@ from fp8conv.kernels import act_quant
 from fp8conv.kernels.config import KernelConfig, resolve_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
 from fp8conv.kernels.grouped_gemm import KERNEL_NAME as GROUPED, fused_experts, pack_experts
+from fp8conv.kernels.topk import topk as radix_topk
 from fp8conv.runtime.ops import Experts, Linear, ReferenceBackend
 
 
@@ -107,6 +109,16 @@ class TritonBackend(ReferenceBackend):
         gu = self._gemm(q, s, w13, x.dtype)  # (M, 2I)
         hq, hs = act_quant.swiglu_quant(gu[:, :inter], gu[:, inter:])
         return self._gemm(hq, hs, down, x.dtype).reshape(*x.shape[:-1], -1)
+
+    # -- beam search --------------------------------------------------------------------------------
+    def topk(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """kernels/topk.py on CUDA (values bit-identical to torch.topk; equal values lowest index first).
+        Not under the interpreter: beam search's rows are millions of candidates."""
+        if not (scores.is_cuda and scores.dim() == 2 and 1 <= k <= scores.shape[1]):
+            self.calls["topk.reference"] += 1
+            return super().topk(scores, k)
+        self.calls["topk.triton"] += 1
+        return radix_topk(scores if scores.stride(1) == 1 else scores.contiguous(), k)
 
     # -- MoE ----------------------------------------------------------------------------------------
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
