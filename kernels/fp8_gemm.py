@@ -144,10 +144,13 @@ def _fp8_gemm_nt_tma_kernel(
 # Hopper's FP8 tensor cores accumulate a wgmma chain in less than FP32 precision; over long K the
 # error of one chained accumulator reaches the 1e-3 gate (measured on an H100: mean rel. error 5.5e-4
 # at K = 1408, 1.05e-3 at K = 3840 against the float32 reference). PROMOTE adds each BLOCK_K chunk's
-# product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion; PROMOTE 1), but
-# that serialises the tensor cores on the add (0.75-0.88x of one chain at K = 3840 on an H100). PROMOTE
-# 2 runs two chains, the first and the second half of K, in two accumulators added once at the end:
-# each chain is half as long (7.3e-4 at K = 3840) and each half is an unbroken, pipelined wgmma chain.
+# product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion; PROMOTE 1, the
+# default from PROMOTE_MIN_K): 2.1e-4 at K = 3840 with BLOCK_K 256, but the add serialises the tensor
+# cores (172 us against 149 us for one chain at 16384x1408x3840 on an H100, 0.88x `_scaled_mm`).
+# PROMOTE 2, opt-in: two chains, the first and second half of K, in two accumulators added once at the
+# end (7.3e-4): 177 us plain, 168 us warp-specialised, which also doubles its shared memory; on an
+# H200 one NaN row appeared once in a chained block test with 64x32x128 / 5 stages / warp
+# specialisation and did not come back in 120 poisoned repeats, so it is no default until understood.
 # Measured and dropped: a chain added every P steps under an `if` in the K loop (stops Triton's
 # software pipelining: 0.55-0.77x), two interleaved chains (even/odd steps: 0.82x, doubles the stage).
 PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "two chains, one per half of K"}
@@ -239,9 +242,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     promote = _promote_mode(promote, k)
     use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n, k, out_dtype)
                                                and a.is_contiguous() and b.is_contiguous())
-    # auto: warp specialization where it paid on an H100 (two chains: 168 vs 177 us at 16384x1408x3840;
-    # one chain: within 1%)
-    warp_spec = variant == "tma_ws" or (variant == "auto" and promote == 2)
+    warp_spec = variant == "tma_ws"
     if use_tma:
         TD = _tensor_descriptor()
         a_d = TD.from_tensor(a.contiguous(), [cfg.BLOCK_M, cfg.BLOCK_K])

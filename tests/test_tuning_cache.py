@@ -237,8 +237,6 @@ def _shipped_choices(device):
             yield p.label(), lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
 
 
-@pytest.mark.xfail(strict=True, reason="shipped configs tuned at the pre-incremental-decoding token counts; "
-                                       "retune on an H100/H200")
 @pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
 def test_shipped_configs_are_valid_and_cover_the_4b_preset_and_the_example(monkeypatch, device):
     monkeypatch.undo()  # the real package folder
@@ -249,8 +247,8 @@ def test_shipped_configs_are_valid_and_cover_the_4b_preset_and_the_example(monke
 
 @pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
 def test_shipped_configs_are_valid_and_serve_every_shape_of_the_4b_preset_and_the_example(monkeypatch, device):
-    """Until the re-tune (above): every shape the runtime launches gets a checked config of this device
-    and Triton version from the shipped files, exact or from the nearest bucket."""
+    """Every shape the runtime launches gets a checked config of this device and Triton version from
+    the shipped files, exact or from the nearest bucket."""
     monkeypatch.undo()  # the real package folder
     for label, ch in _shipped_choices(device):
         assert ch.level in ("exact", "nearest"), label
