@@ -12,7 +12,7 @@ The shapes follow what the runtime (fp8conv.runtime.model, beam.py) and the Trit
 - ``block`` routed experts -> "fp8_grouped_gemm": gate/up packed as [E, 2 x Ip, d] (Ip = width rounded up
   to 128) and down [E, d, I]; the config is looked up by M = max(1, tokens x top_k // E), rows per
   expert on average, as the backend does.
-- top-k over (batch, N_t / batch x K) candidates per step: listed, not tuned (the backend uses torch.topk).
+- top-k over (batch, N_t / batch x K) candidates per step: listed, not tuned (kernels/topk.py runs its documented default).
 - ``keep`` tensors run in the source precision and need no FP8 kernel.
 
 Which scheme each Linear has comes from the checkpoint's safetensors headers (an FP8 weight with a
