@@ -13,8 +13,7 @@ if ! python3 -c "import fp8conv.kernels.fp8_gemm" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/tmp/fp8conv-pip.log 2>&1
 fi
 python3 -c "import fp8conv.kernels.fp8_gemm" || exit 1
-DEV=$(python3 -c "from fp8conv.tuning.cache import device_key; import torch; print(device_key(torch.cuda.get_device_name()))" 2>/dev/null \
-      || python3 -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_'))")
+DEV=$(python3 -c "from fp8conv.tuning.cache import device_key; import torch; print(device_key(torch.cuda.get_device_name()))")
 echo "device folder: $DEV"
 rm -rf "$OUT/tc"
 python3 benchmarks/bench_tune.py --preset 4b --batch 32 --beam 512 --cache "$OUT/tc" "$@" \

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.config import KernelConfig, default_config
+from fp8conv.kernels.config import KernelConfig, default_config, group_tiles
 
 FP8_MAX = 448.0
 GROUP = 128
@@ -199,13 +199,6 @@ def _act_quant_kernel(
     tl.store(q_ptr + rows[:, None, None] * K + cols_h[None, :, :], qh.to(q_dt), mask=mask_h)
     if NT > 0:
         tl.store(q_ptr + rows[:, None, None] * K + cols_t[None, :, :], qt.to(q_dt), mask=mask_t)
-
-
-def group_tiles(k: int) -> tuple[int, int]:
-    """(NH, NT): ceil(k / 128) groups split into a power-of-two head and a power-of-two-padded tail."""
-    ng = max(1, triton.cdiv(k, GROUP))
-    nh = 1 << (ng.bit_length() - 1)
-    return nh, (triton.next_power_of_2(ng - nh) if ng > nh else 0)
 
 
 def _check_rows(x: torch.Tensor, name: str) -> None:

@@ -38,6 +38,14 @@ PROMOTE_MIN_K = 2048
 PROMOTE_DEFAULT = 1
 
 
+def group_tiles(k: int, group: int = 128) -> tuple[int, int]:
+    """(NH, NT) of the act_quant kernel: a row's ceil(k / group) groups split into a power-of-two head
+    and a tail padded to a power of two (0 if none)."""
+    ng = max(1, -(-k // group))
+    nh = 1 << (ng.bit_length() - 1)
+    return nh, ((1 << (ng - nh - 1).bit_length()) if ng > nh else 0)
+
+
 # -- documented defaults (used when no tuned config applies; see docs/kernels.md) ---------------------
 #
 # fp8_gemm (per-token x per-channel, _nt): BLOCK_K 128 (one 128-byte FP8 row segment per TMA box);
@@ -84,11 +92,9 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if kernel == "act_quant":
         # rows per program (BLOCK_M, a power of two) so that a program holds ~4-8K lanes: a row computes
-        # head + tail lanes (act_quant.group_tiles), 12 groups of 128 at K = 1408, 32 at 3840. H100 sweep
+        # head + tail lanes (group_tiles), 12 groups of 128 at K = 1408, 32 at 3840. H100 sweep
         # (docs/benchmarks.md): 4 rows / 4 warps best at K = 1408, 2 rows / 4 warps at 3840.
-        ng = max(1, -(-k // 128))
-        nh = 1 << (ng.bit_length() - 1)
-        lanes = 128 * (nh + ((1 << (ng - nh - 1).bit_length()) if ng > nh else 0))
+        lanes = 128 * sum(group_tiles(k))
         rows = 1 << (max(1, min(16, 8192 // lanes)).bit_length() - 1)  # a power of two
         return KernelConfig(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
     if kernel == "topk":
