@@ -27,15 +27,7 @@ def write(root, entries, kernel="fp8_gemm", n=1408, k=1408, device=H100):
     return cache.write(root, cf)
 
 
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch, tmp_path):
-    monkeypatch.delenv(cache.ENV_VAR, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    shipped = tmp_path / "shipped"  # the real shipped configs must not answer these tests' look-ups
-    monkeypatch.setattr(cache, "shipped_dir", lambda: shipped)
-    lookup.clear()
-    yield
-    lookup.clear()
+pytestmark = pytest.mark.usefixtures("isolated_tuning_cache")
 
 
 # -- format ---------------------------------------------------------------------------------------------

@@ -15,13 +15,7 @@ from fp8conv.tuning.shapes import Problem
 H100 = "NVIDIA H100 80GB HBM3"
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path):
-    monkeypatch.delenv(cache.ENV_VAR, raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    shipped = tmp_path / "shipped"  # the real shipped configs must not answer these tests' look-ups
-    monkeypatch.setattr(cache, "shipped_dir", lambda: shipped)
-    lookup.clear()
+pytestmark = pytest.mark.usefixtures("isolated_tuning_cache")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
