@@ -213,6 +213,10 @@ def bench_dense(ms, sweep):
                 sweep_gemm(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
             if "promote" in sweep and m == max(ms) and k >= 2048:
                 sweep_promote(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
+            if "promote3" in sweep and m == max(ms):
+                sweep_promote(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes, modes=(0, 1, 3), few=True)
+            if "splitk" in sweep and m <= 64:
+                sweep_splitk(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
 
 
 def sweep_quant(name, m, k, sets, nw):
@@ -236,11 +240,13 @@ def sweep_quant(name, m, k, sets, nw):
                    3 * m * k + 4 * m, None, "", None, {"sweep": True})
 
 
-def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes):
-    """FP8 promotion interval (BLOCK_K steps per wgmma chain) x tiles at a long K."""
+def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes, modes=(0, 1, 2, 3), few=False):
+    """FP8 promotion mode (fp8_gemm.PROMOTE_MODES) x tiles at a long K."""
     tiles = [(128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 128, 128, 4, 4),
              (128, 256, 128, 8, 3), (128, 128, 64, 8, 5)]
-    for (bm, bn, bk, w, st), steps in itertools.product(tiles, (0, 1, 2)):
+    if few:
+        tiles = [(128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 5)]
+    for (bm, bn, bk, w, st), steps in itertools.product(tiles, modes):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
         for variant in ("tma",) if (bm, bn) != (128, 128) or w != 8 else ("tma", "tma_ws"):
             tag = f"promote {steps} {variant} {bm}x{bn}x{bk} w{w}s{st}"
@@ -254,6 +260,23 @@ def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes):
                 continue
             record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
                    {"config": cfg.to_dict(), "sweep": True, "kernel_variant": variant, "promote": steps})
+
+
+def sweep_splitk(name, m, n, k, sets, ref, smm, flops, nbytes):
+    """Split-K (KernelConfig.SPLIT_K) at decode-sized M: tiles x splits."""
+    tiles = [(64, 32, 256, 4, 5), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4)]
+    for (bm, bn, bk, w, st), split in itertools.product(tiles, (1, 2, 4, 8)):
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st, SPLIT_K=split)
+        tag = f"splitk {split} {bm}x{bn}x{bk} w{w}s{st}"
+        try:
+            run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(xq, xs, wq, ws, config=cfg)  # noqa: E731
+            err = checked(run(*sets[0]), ref, tag)
+            us = time_us(run, sets)
+        except Exception as exc:
+            print(f"  skip {tag}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
+               {"config": cfg.to_dict(), "sweep": True, "kernel_variant": "tma"})
 
 
 def gemm_candidates(m):

@@ -14,6 +14,9 @@ class KernelConfig:
     GROUP_M: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    # fp8_gemm only: K split over this many programs per output tile (serial fix-up, kernels/fp8_gemm.py);
+    # a cache entry written before this field existed reads as 1
+    SPLIT_K: int = 1
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():

@@ -81,6 +81,8 @@ def _fp8_gemm_nt_kernel(
             b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
             if PROMOTE == 1:  # see PROMOTE_MODES
                 acc += tl.dot(a, b.T)
+            elif PROMOTE == 3:
+                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)
             else:
                 acc = tl.dot(a, b.T, acc)
             a_ptrs += BLOCK_K
@@ -98,38 +100,49 @@ def _fp8_gemm_nt_kernel(
 def _fp8_gemm_nt_tma_kernel(
     # descriptors: A (M, K) fp8 [BLOCK_M, BLOCK_K], B (N, K) fp8 [BLOCK_N, BLOCK_K], C (M, N) [BLOCK_M, BLOCK_N]
     a_desc, b_desc, c_desc, as_ptr, bs_ptr,
+    # split-K only: ws (SPLIT_K, M, N) float32 partial tiles, cnt (tiles,) int32 arrival counters (zero
+    # on entry, left zero on exit)
+    ws_ptr, cnt_ptr,
     M, N, K,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, PROMOTE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    NUM_SMS: tl.constexpr, PROMOTE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True,
+    k_per = tl.cdiv(k_tiles, SPLIT_K)
+    # work item = (output tile, K split); the splits of a tile are consecutive items, so they run at the
+    # same time on different SMs
+    for item in tl.range(tl.program_id(0), num_pid_m * num_pid_n * SPLIT_K, NUM_SMS, flatten=SPLIT_K == 1,
                          warp_specialize=WARP_SPECIALIZE):
+        tile = item // SPLIT_K
+        k_lo = (item % SPLIT_K) * k_per
+        k_hi = tl.minimum(k_lo + k_per, k_tiles)
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if PROMOTE == 2:  # two chains: first and second half of the K steps
             acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            k_half = tl.cdiv(k_tiles, 2)
-            for ki in range(k_half):
+            k_mid = k_lo + tl.cdiv(k_hi - k_lo, 2)
+            for ki in range(k_lo, k_mid):
                 a = a_desc.load([off_m, ki * BLOCK_K])
                 b = b_desc.load([off_n, ki * BLOCK_K])
                 acc = tl.dot(a, b.T, acc)
-            for ki in range(k_half, k_tiles):
+            for ki in range(k_mid, k_hi):
                 a = a_desc.load([off_m, ki * BLOCK_K])
                 b = b_desc.load([off_n, ki * BLOCK_K])
                 acc2 = tl.dot(a, b.T, acc2)
             acc += acc2
         else:
-            for ki in range(k_tiles):
+            for ki in range(k_lo, k_hi):
                 a = a_desc.load([off_m, ki * BLOCK_K])
                 b = b_desc.load([off_n, ki * BLOCK_K])
                 if PROMOTE == 1:
                     acc += tl.dot(a, b.T)
+                elif PROMOTE == 3:  # the compiler's partial accumulators, added every BLOCK_K of K
+                    acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)
                 else:
                     acc = tl.dot(a, b.T, acc)
         offs_m = off_m + tl.arange(0, BLOCK_M)
@@ -137,8 +150,27 @@ def _fp8_gemm_nt_tma_kernel(
         sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
         sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
         acc = acc * sa[:, None] * sb[None, :]
-        acc = round_to(acc, c_desc.dtype)
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        if SPLIT_K == 1:
+            acc = round_to(acc, c_desc.dtype)
+            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        else:
+            # serial split-K fix-up: every split stores its scaled partial tile; the split that arrives
+            # last sums all of them in split order (deterministic whichever arrives last), writes the
+            # output and re-arms the counter
+            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+            rows = offs_m[:, None].to(tl.int64)
+            tl.store(ws_ptr + (rows + (item % SPLIT_K) * M) * N + offs_n[None, :], acc, mask=mask)
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                tl.debug_barrier()
+                tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLIT_K):
+                    tot += tl.load(ws_ptr + (rows + s * M) * N + offs_n[None, :], mask=mask, other=0.0,
+                                   cache_modifier=".cg")
+                tot = round_to(tot, c_desc.dtype)
+                c_desc.store([off_m, off_n], tot.to(c_desc.dtype))
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 # Hopper's FP8 tensor cores accumulate a wgmma chain in less than FP32 precision; over long K the
@@ -153,10 +185,15 @@ def _fp8_gemm_nt_tma_kernel(
 # specialisation and did not come back in 120 poisoned repeats, so it is no default until understood.
 # Measured and dropped: a chain added every P steps under an `if` in the K loop (stops Triton's
 # software pipelining: 0.55-0.77x), two interleaved chains (even/odd steps: 0.82x, doubles the stage).
-PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "two chains, one per half of K"}
+# PROMOTE 3: the same promotion every BLOCK_K step done by Triton's own lowering (``tl.dot``'s
+# ``max_num_imprecise_acc=BLOCK_K``: the wgmma chain of each K step goes into a fresh partial accumulator
+# that is added into the FP32 one).
+PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "two chains, one per half of K",
+                 3: "every BLOCK_K step, by the compiler"}
 
 
 def _promote_default(k: int) -> int:
+    """k: the length of one program's accumulation chain (K, or K / SPLIT_K with split-K)."""
     return PROMOTE_DEFAULT if k >= PROMOTE_MIN_K else 0
 
 
@@ -167,6 +204,24 @@ def _promote_mode(promote: bool | int | None, k: int) -> int:
         raise ValueError(f"promote must be None, a bool or one of {sorted(PROMOTE_MODES)} "
                          f"({', '.join(PROMOTE_MODES.values())}), got {promote!r}")
     return int(promote)
+
+
+_COUNTERS: dict = {}
+
+
+def _split_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 arrival counters for split-K, at least ``tiles`` of them, one buffer per device,
+    kept between launches (each launch leaves its counters at zero). Allocated outside CUDA graph
+    capture only (a zeroing captured into a graph would not run before the graph's first replay in
+    the right order); returns None when one is needed during a capture."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
 
 
 @functools.lru_cache(maxsize=None)
@@ -226,8 +281,14 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the documented default).
     out: optional preallocated contiguous (M, N) ``out_dtype`` tensor.
     promote: FP32 promotion of the tensor cores' chained sums: False/0 none, True/1 every BLOCK_K step,
-    2 two chains (one per half of K); None: PROMOTE_DEFAULT when K >= PROMOTE_MIN_K (see the comment at
-    PROMOTE_MODES). variant "tma_ws": TMA + warp specialization.
+    2 two chains (one per half of K), 3 every BLOCK_K step by the compiler; None: PROMOTE_DEFAULT when
+    one program's chain (K / SPLIT_K) is >= PROMOTE_MIN_K (see the comment at PROMOTE_MODES).
+    variant "tma_ws": TMA + warp specialization.
+    config.SPLIT_K > 1 (TMA variants only; the pointer kernel ignores it): each output tile's K steps
+    are split over that many programs, which write FP32 partial tiles to a workspace; the last to finish
+    sums them in split order and writes the tile (deterministic). For small M, where the output tiles
+    alone cannot fill the SMs. Not safe for two launches running at once on different streams (they
+    share the arrival counters).
     """
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
     if out is None:
@@ -239,22 +300,28 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     cfg = config or default_config(KERNEL_NAME, m, n, k)
     a_scale = a_scale.reshape(-1).contiguous()
     b_scale = b_scale.reshape(-1).contiguous()
-    promote = _promote_mode(promote, k)
     use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n, k, out_dtype)
                                                and a.is_contiguous() and b.is_contiguous())
     warp_spec = variant == "tma_ws"
+    k_tiles = triton.cdiv(k, cfg.BLOCK_K)
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
+    split = max(1, min(cfg.SPLIT_K, k_tiles)) if use_tma else 1
+    cnt = _split_counters(a.device, tiles) if split > 1 else None
+    if cnt is None:  # no split, or the first split launch inside a CUDA graph capture (no counters yet)
+        split = 1
+    promote = _promote_mode(promote, triton.cdiv(k_tiles, split) * cfg.BLOCK_K)
     if use_tma:
         TD = _tensor_descriptor()
         a_d = TD.from_tensor(a.contiguous(), [cfg.BLOCK_M, cfg.BLOCK_K])
         b_d = TD.from_tensor(b.contiguous(), [cfg.BLOCK_N, cfg.BLOCK_K])
         c_d = TD.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N])
         sms = _num_sms(a.device.index or 0)
-        tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
-        grid = (min(sms, tiles),)
+        ws = torch.empty(split, m, n, dtype=torch.float32, device=a.device) if split > 1 else None
+        grid = (min(sms, tiles * split),)
         _fp8_gemm_nt_tma_kernel[grid](
-            a_d, b_d, c_d, a_scale, b_scale, m, n, k,
+            a_d, b_d, c_d, a_scale, b_scale, ws, cnt, m, n, k,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec,
+            NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec, SPLIT_K=split,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out

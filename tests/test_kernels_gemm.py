@@ -63,7 +63,40 @@ def test_gemm_two_chains(variant, k):
                 out=out, promote=2)
     check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} K={k} promote=2")
     with pytest.raises(ValueError, match="promote"):
-        fp8_gemm_nt(a, sa, b, sb, promote=3)
+        fp8_gemm_nt(a, sa, b, sb, promote=4)
+
+
+@pytest.mark.parametrize("variant", ["ptr", "tma"])
+def test_gemm_compiler_promotion(variant):
+    """promote=3: tl.dot's max_num_imprecise_acc = BLOCK_K (the interpreter has no imprecise chain: this
+    checks the plumbing and that every step is still counted once)."""
+    a, sa, b, sb = _operands(19, 40, 224, seed=12)
+    out = poison(torch.empty(19, 40, dtype=torch.float32, device=a.device))
+    fp8_gemm_nt(a, sa, b, sb, torch.float32, config=SMALL if not a.is_cuda else None, variant=variant,
+                out=out, promote=3)
+    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} promote=3")
+
+
+@pytest.mark.parametrize("m,n,k,split,promote", [(1, 40, 224, 3, None), (7, 56, 96, 2, 1), (83, 48, 240, 8, 3),
+                                                 (19, 40, 64, 4, 2), (33, 64, 32, 4, 0)])
+def test_gemm_split_k(m, n, k, split, promote):
+    """SPLIT_K: K steps spread over programs with a serial fix-up. Uneven splits (7 steps over 3, 8 over
+    a K of 8 steps with a 16-wide tail), more splits than steps (clamped), every promotion mode; the
+    counters are back at zero afterwards and the result is the same bits twice."""
+    from fp8conv.kernels import fp8_gemm as mod
+
+    a, sa, b, sb = _operands(m, n, k, seed=100 + m + k)
+    cfg = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=split)
+    if a.is_cuda:
+        cfg = KernelConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=3, SPLIT_K=split)
+    outs = []
+    for _ in range(2):
+        out = poison(torch.empty(m, n, dtype=torch.float32, device=a.device))
+        fp8_gemm_nt(a, sa, b, sb, torch.float32, config=cfg, variant="tma", out=out, promote=promote)
+        check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"split {split} {m}x{n}x{k}")
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    assert int(mod._COUNTERS[(a.device.type, a.device.index)].abs().sum()) == 0
 
 
 def test_unwritten_output_fails():
@@ -105,3 +138,11 @@ def test_gemm_real_shapes_cuda(m, nk):
         out = poison(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
         fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, variant=variant, out=out)
         check(out, ref_gemm_nt(a, sa, b, sb, torch.bfloat16), what=f"{m}x{n}x{k} {variant}")
+    for cfg, promote in ((KernelConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=5,
+                                       SPLIT_K=4), None),
+                         (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4), 3)):
+        if m > 512 and cfg.SPLIT_K > 1:
+            continue
+        out = poison(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+        fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, config=cfg, out=out, promote=promote)
+        check(out, ref_gemm_nt(a, sa, b, sb, torch.bfloat16), what=f"{m}x{n}x{k} split {cfg.SPLIT_K} promote {promote}")
