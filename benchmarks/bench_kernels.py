@@ -213,8 +213,6 @@ def bench_dense(ms, sweep):
                 sweep_gemm(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
             if "promote" in sweep and m == max(ms) and k >= 2048:
                 sweep_promote(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
-            if "promote3" in sweep and m == max(ms):
-                sweep_promote(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes, modes=(0, 1, 3), few=True)
             if "splitk" in sweep and m <= 64:
                 sweep_splitk(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
 
@@ -240,12 +238,10 @@ def sweep_quant(name, m, k, sets, nw):
                    3 * m * k + 4 * m, None, "", None, {"sweep": True})
 
 
-def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes, modes=(0, 1, 2, 3), few=False):
+def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes, modes=(0, 1, 2)):
     """FP8 promotion mode (fp8_gemm.PROMOTE_MODES) x tiles at a long K."""
     tiles = [(128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 128, 128, 4, 4),
-             (128, 256, 128, 8, 3), (128, 128, 64, 8, 5)]
-    if few:
-        tiles = [(128, 128, 128, 8, 4), (128, 128, 256, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 4, 5)]
+             (128, 256, 128, 8, 3), (128, 128, 64, 8, 5), (128, 128, 128, 4, 5), (256, 128, 128, 8, 3)]
     for (bm, bn, bk, w, st), steps in itertools.product(tiles, modes):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
         for variant in ("tma",) if (bm, bn) != (128, 128) or w != 8 else ("tma", "tma_ws"):

@@ -43,7 +43,7 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 def _fp8_gemm_nt_kernel(
     # A (M, K) fp8, B (N, K) fp8, out (M, N)
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
-    M, N, K,
+    M, N, K, CHUNKS,
     stride_am, stride_bn, stride_cm,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -56,37 +56,19 @@ def _fp8_gemm_nt_kernel(
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PROMOTE == 2:  # two wgmma chains (first and second half of K) in two accumulators, added once
-        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        k_half = tl.cdiv(tl.cdiv(K, BLOCK_K), 2) * BLOCK_K
-        for k0 in range(0, k_half, BLOCK_K):
-            kmask = (offs_k + k0) < K
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
-            acc = tl.dot(a, b.T, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-        for k0 in range(k_half, K, BLOCK_K):
-            kmask = (offs_k + k0) < K
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
-            acc2 = tl.dot(a, b.T, acc2)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-        acc += acc2
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            kmask = (offs_k + k0) < K
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    k_chunk = tl.cdiv(k_tiles, CHUNKS)  # CHUNKS is 1 unless PROMOTE == 2
+    for c in range(CHUNKS):
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(c * k_chunk, tl.minimum((c + 1) * k_chunk, k_tiles)):
+            kmask = (offs_k + ki * BLOCK_K) < K
+            a = tl.load(a_ptrs + ki * BLOCK_K, mask=(offs_m[:, None] < M) & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs + ki * BLOCK_K, mask=(offs_n[:, None] < N) & kmask[None, :], other=0.0)
             if PROMOTE == 1:  # see PROMOTE_MODES
-                acc += tl.dot(a, b.T)
-            elif PROMOTE == 3:
-                acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)
+                part += tl.dot(a, b.T)
             else:
-                acc = tl.dot(a, b.T, acc)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+                part = tl.dot(a, b.T, part)
+        acc += part
     # epilogue: per-token x per-channel scales
     sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -94,6 +76,37 @@ def _fp8_gemm_nt_kernel(
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
     acc = round_to(acc, c_ptr.dtype.element_ty)  # RNE also under the interpreter
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _tma_epilogue(acc, item, tile, off_m, off_n, c_desc, as_ptr, bs_ptr, ws_ptr, cnt_ptr, M, N,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
+    sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
+    acc = acc * sa[:, None] * sb[None, :]
+    if SPLIT_K == 1:
+        acc = round_to(acc, c_desc.dtype)
+        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+    else:
+        # serial split-K fix-up: every split stores its scaled partial tile; the split that arrives
+        # last sums all of them in split order (deterministic whichever arrives last), writes the
+        # output and re-arms the counter
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        rows = offs_m[:, None].to(tl.int64)
+        tl.store(ws_ptr + (rows + (item % SPLIT_K) * M) * N + offs_n[None, :], acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            tl.debug_barrier()
+            tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                tot += tl.load(ws_ptr + (rows + s * M) * N + offs_n[None, :], mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            tot = round_to(tot, c_desc.dtype)
+            c_desc.store([off_m, off_n], tot.to(c_desc.dtype))
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -107,89 +120,71 @@ def _fp8_gemm_nt_tma_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr, PROMOTE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_K: tl.constexpr,
+    CHUNKS: tl.constexpr,
 ):
+    # A work item is (output tile, K split); the splits of a tile are consecutive items, so they run at
+    # the same time on different SMs. A program walks its items (every NUM_SMS-th) in CHUNKS chained
+    # pieces of K each (PROMOTE 2), as one flattened loop: the operand pipeline runs on across pieces
+    # and tiles, and a piece's end only costs what a tile's end costs.
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    k_per = tl.cdiv(k_tiles, SPLIT_K)
-    # work item = (output tile, K split); the splits of a tile are consecutive items, so they run at the
-    # same time on different SMs
-    for item in tl.range(tl.program_id(0), num_pid_m * num_pid_n * SPLIT_K, NUM_SMS, flatten=SPLIT_K == 1,
-                         warp_specialize=WARP_SPECIALIZE):
+    k_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_chunk = tl.cdiv(k_split, CHUNKS)
+    pid = tl.program_id(0)
+    my_items = tl.cdiv(num_pid_m * num_pid_n * SPLIT_K - pid, NUM_SMS)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in tl.range(0, my_items * CHUNKS, flatten=SPLIT_K == 1, warp_specialize=WARP_SPECIALIZE):
+        item = pid + (it // CHUNKS) * NUM_SMS
+        c = it % CHUNKS
         tile = item // SPLIT_K
-        k_lo = (item % SPLIT_K) * k_per
-        k_hi = tl.minimum(k_lo + k_per, k_tiles)
+        s_lo = (item % SPLIT_K) * k_split
+        k_lo = s_lo + c * k_chunk
+        k_hi = tl.minimum(tl.minimum(k_lo + k_chunk, s_lo + k_split), k_tiles)
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PROMOTE == 2:  # two chains: first and second half of the K steps
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            k_mid = k_lo + tl.cdiv(k_hi - k_lo, 2)
-            for ki in range(k_lo, k_mid):
-                a = a_desc.load([off_m, ki * BLOCK_K])
-                b = b_desc.load([off_n, ki * BLOCK_K])
+        for ki in range(k_lo, k_hi):
+            a = a_desc.load([off_m, ki * BLOCK_K])
+            b = b_desc.load([off_n, ki * BLOCK_K])
+            if PROMOTE == 1:
+                acc += tl.dot(a, b.T)
+            else:
                 acc = tl.dot(a, b.T, acc)
-            for ki in range(k_mid, k_hi):
-                a = a_desc.load([off_m, ki * BLOCK_K])
-                b = b_desc.load([off_n, ki * BLOCK_K])
-                acc2 = tl.dot(a, b.T, acc2)
-            acc += acc2
+        if CHUNKS == 1:
+            _tma_epilogue(acc, item, tile, off_m, off_n, c_desc, as_ptr, bs_ptr, ws_ptr, cnt_ptr, M, N,
+                          BLOCK_M, BLOCK_N, SPLIT_K)
         else:
-            for ki in range(k_lo, k_hi):
-                a = a_desc.load([off_m, ki * BLOCK_K])
-                b = b_desc.load([off_n, ki * BLOCK_K])
-                if PROMOTE == 1:
-                    acc += tl.dot(a, b.T)
-                elif PROMOTE == 3:  # the compiler's partial accumulators, added every BLOCK_K of K
-                    acc = tl.dot(a, b.T, acc, max_num_imprecise_acc=BLOCK_K)
-                else:
-                    acc = tl.dot(a, b.T, acc)
-        offs_m = off_m + tl.arange(0, BLOCK_M)
-        offs_n = off_n + tl.arange(0, BLOCK_N)
-        sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
-        sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
-        acc = acc * sa[:, None] * sb[None, :]
-        if SPLIT_K == 1:
-            acc = round_to(acc, c_desc.dtype)
-            c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
-        else:
-            # serial split-K fix-up: every split stores its scaled partial tile; the split that arrives
-            # last sums all of them in split order (deterministic whichever arrives last), writes the
-            # output and re-arms the counter
-            mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-            rows = offs_m[:, None].to(tl.int64)
-            tl.store(ws_ptr + (rows + (item % SPLIT_K) * M) * N + offs_n[None, :], acc, mask=mask)
-            tl.debug_barrier()  # every thread's partial is written before the release below
-            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT_K - 1:
-                tl.debug_barrier()
-                tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in tl.static_range(SPLIT_K):
-                    tot += tl.load(ws_ptr + (rows + s * M) * N + offs_n[None, :], mask=mask, other=0.0,
-                                   cache_modifier=".cg")
-                tot = round_to(tot, c_desc.dtype)
-                c_desc.store([off_m, off_n], tot.to(c_desc.dtype))
-                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+            total = tl.where(c == 0, acc, total + acc)
+            if c == CHUNKS - 1:
+                _tma_epilogue(total, item, tile, off_m, off_n, c_desc, as_ptr, bs_ptr, ws_ptr, cnt_ptr, M, N,
+                              BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 # Hopper's FP8 tensor cores accumulate a wgmma chain in less than FP32 precision; over long K the
 # error of one chained accumulator reaches the 1e-3 gate (measured on an H100: mean rel. error 5.5e-4
-# at K = 1408, 1.05e-3 at K = 3840 against the float32 reference). PROMOTE adds each BLOCK_K chunk's
-# product into the FP32 accumulator with an ordinary add (DeepSeek-V3's promotion; PROMOTE 1, the
-# default from PROMOTE_MIN_K): 2.1e-4 at K = 3840 with BLOCK_K 256, but the add serialises the tensor
-# cores (172 us against 149 us for one chain at 16384x1408x3840 on an H100, 0.88x `_scaled_mm`).
-# PROMOTE 2, opt-in: two chains, the first and second half of K, in two accumulators added once at the
-# end (7.3e-4): 177 us plain, 168 us warp-specialised, which also doubles its shared memory; on an
-# H200 one NaN row appeared once in a chained block test with 64x32x128 / 5 stages / warp
-# specialisation and did not come back in 120 poisoned repeats, so it is no default until understood.
-# Measured and dropped: a chain added every P steps under an `if` in the K loop (stops Triton's
-# software pipelining: 0.55-0.77x), two interleaved chains (even/odd steps: 0.82x, doubles the stage).
-# PROMOTE 3: the same promotion every BLOCK_K step done by Triton's own lowering (``tl.dot``'s
-# ``max_num_imprecise_acc=BLOCK_K``: the wgmma chain of each K step goes into a fresh partial accumulator
-# that is added into the FP32 one).
-PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "two chains, one per half of K",
-                 3: "every BLOCK_K step, by the compiler"}
+# at K = 1408, 1.05e-3 at K = 3840 against the float32 reference). Promotion modes:
+# - PROMOTE 1 adds each BLOCK_K step's product into the FP32 accumulator with an ordinary add
+#   (DeepSeek-V3's promotion): 2.1e-4 at K = 3840 with BLOCK_K 256, but each add waits for the tensor
+#   cores (172 us against 146 us for one chain at 16384x1408x3840 on an H100, 0.86x `_scaled_mm`).
+# - PROMOTE 2 runs K as CHUNKS chains of at most PROMOTE_MIN_K (at least two), each chain a piece of
+#   the flattened persistent loop, summed in FP32 at the end of each piece (7.3e-4 at K = 3840 with
+#   two chains): a promotion per piece, not per step. (Its first form, two K loops one after the
+#   other, cost 177 us, and with warp specialisation showed one NaN row once on an H200.)
+# Measured and dropped (H100, 2026-11-24): a chain added every P steps under an `if` in the K loop
+# (stops Triton's software pipelining: 0.55-0.77x), two interleaved chains (even/odd steps: 0.82x),
+# the compiler's own promotion (`tl.dot(..., max_num_imprecise_acc=BLOCK_K)`: the same time as
+# PROMOTE 1 within 2%), two or three programs per SM to overlap one's adds with another's tensor-core
+# work (0.45-0.75x `_scaled_mm`: the smaller tiles that fit twice lose more).
+PROMOTE_MODES = {0: "one chain", 1: "every BLOCK_K step", 2: "chains of at most PROMOTE_MIN_K of K"}
+
+
+def _chunks(promote: int, k_tiles: int, block_k: int) -> int:
+    """Chained pieces per program for PROMOTE 2 (1 otherwise): at most PROMOTE_MIN_K of K each, at least 2."""
+    if promote != 2:
+        return 1
+    return max(1, min(k_tiles, max(2, -(-k_tiles * block_k // PROMOTE_MIN_K))))
 
 
 def _promote_default(k: int) -> int:
@@ -281,8 +276,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     contiguous; else pointer), "tma" or "ptr". config: KernelConfig (None = the documented default).
     out: optional preallocated contiguous (M, N) ``out_dtype`` tensor.
     promote: FP32 promotion of the tensor cores' chained sums: False/0 none, True/1 every BLOCK_K step,
-    2 two chains (one per half of K), 3 every BLOCK_K step by the compiler; None: PROMOTE_DEFAULT when
-    one program's chain (K / SPLIT_K) is >= PROMOTE_MIN_K (see the comment at PROMOTE_MODES).
+    2 chains of at most PROMOTE_MIN_K (at least two); None: PROMOTE_DEFAULT when one program's chain
+    (K / SPLIT_K) is >= PROMOTE_MIN_K (see the comment at PROMOTE_MODES).
     variant "tma_ws": TMA + warp specialization.
     config.SPLIT_K > 1 (TMA variants only; the pointer kernel ignores it): each output tile's K steps
     are split over that many programs, which write FP32 partial tiles to a workspace; the last to finish
@@ -310,6 +305,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     if cnt is None:  # no split, or the first split launch inside a CUDA graph capture (no counters yet)
         split = 1
     promote = _promote_mode(promote, triton.cdiv(k_tiles, split) * cfg.BLOCK_K)
+    chunks = _chunks(promote, triton.cdiv(k_tiles, split), cfg.BLOCK_K)
     if use_tma:
         TD = _tensor_descriptor()
         a_d = TD.from_tensor(a.contiguous(), [cfg.BLOCK_M, cfg.BLOCK_K])
@@ -321,13 +317,13 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         _fp8_gemm_nt_tma_kernel[grid](
             a_d, b_d, c_d, a_scale, b_scale, ws, cnt, m, n, k,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec, SPLIT_K=split,
+            NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec, SPLIT_K=split, CHUNKS=chunks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
     _fp8_gemm_nt_kernel[grid](
-        a, b, out, a_scale, b_scale, m, n, k, a.stride(0), b.stride(0), out.stride(0),
+        a, b, out, a_scale, b_scale, m, n, k, chunks, a.stride(0), b.stride(0), out.stride(0),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
         PROMOTE=promote, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -54,31 +54,36 @@ def test_gemm_ptr_promote():
 
 @pytest.mark.parametrize("variant,k", [("ptr", 240), ("tma", 240), ("tma", 224), ("ptr", 32)])
 def test_gemm_two_chains(variant, k):
-    """promote=2: the first and second half of the BLOCK_K steps in two accumulators. K = 240 is 7 steps
-    of 32 plus a tail of 16, 224 exactly 7 (odd: halves of 4 and 3), 32 a single step (second half
-    empty): every step counted once."""
+    """promote=2: the BLOCK_K steps as chained pieces summed in FP32 (two here). K = 240 is 7 steps of 32
+    plus a tail of 16, 224 exactly 7 (odd: pieces of 4 and 3), 32 a single step (one piece): every step
+    counted once."""
     a, sa, b, sb = _operands(19, 40, k, seed=11 + k)
     out = poison(torch.empty(19, 40, dtype=torch.float32, device=a.device))
     fp8_gemm_nt(a, sa, b, sb, torch.float32, config=SMALL if not a.is_cuda else None, variant=variant,
                 out=out, promote=2)
     check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} K={k} promote=2")
     with pytest.raises(ValueError, match="promote"):
-        fp8_gemm_nt(a, sa, b, sb, promote=4)
+        fp8_gemm_nt(a, sa, b, sb, promote=3)
 
 
 @pytest.mark.parametrize("variant", ["ptr", "tma"])
-def test_gemm_compiler_promotion(variant):
-    """promote=3: tl.dot's max_num_imprecise_acc = BLOCK_K (the interpreter has no imprecise chain: this
-    checks the plumbing and that every step is still counted once)."""
-    a, sa, b, sb = _operands(19, 40, 224, seed=12)
-    out = poison(torch.empty(19, 40, dtype=torch.float32, device=a.device))
-    fp8_gemm_nt(a, sa, b, sb, torch.float32, config=SMALL if not a.is_cuda else None, variant=variant,
-                out=out, promote=3)
-    check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} promote=3")
+def test_gemm_chained_pieces_long_k(variant):
+    """promote=2 at K = 4160: three chained pieces of at most PROMOTE_MIN_K (1408, 1408, 1344 with
+    BLOCK_K 32), the last piece shorter; also with K split in two (one piece per split: 2080 > 2048)."""
+    from fp8conv.kernels.fp8_gemm import _chunks
+
+    assert _chunks(2, 4160 // 32, 32) == 3 and _chunks(1, 130, 32) == 1
+    a, sa, b, sb = _operands(3, 16, 4160, seed=21)
+    for split in (1, 2) if variant == "tma" else (1,):
+        cfg = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, SPLIT_K=split)
+        out = poison(torch.empty(3, 16, dtype=torch.float32, device=a.device))
+        fp8_gemm_nt(a, sa, b, sb, torch.float32, config=cfg if not a.is_cuda else None, variant=variant,
+                    out=out, promote=2)
+        check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} K=4160 split {split}")
 
 
-@pytest.mark.parametrize("m,n,k,split,promote", [(1, 40, 224, 3, None), (7, 56, 96, 2, 1), (83, 48, 240, 8, 3),
-                                                 (19, 40, 64, 4, 2), (33, 64, 32, 4, 0)])
+@pytest.mark.parametrize("m,n,k,split,promote", [(1, 40, 224, 3, None), (7, 56, 96, 2, 1), (83, 48, 240, 8, 2),
+                                                 (19, 40, 64, 4, 1), (33, 64, 32, 4, 0)])
 def test_gemm_split_k(m, n, k, split, promote):
     """SPLIT_K: K steps spread over programs with a serial fix-up. Uneven splits (7 steps over 3, 8 over
     a K of 8 steps with a 16-wide tail), more splits than steps (clamped), every promotion mode; the
@@ -140,7 +145,7 @@ def test_gemm_real_shapes_cuda(m, nk):
         check(out, ref_gemm_nt(a, sa, b, sb, torch.bfloat16), what=f"{m}x{n}x{k} {variant}")
     for cfg, promote in ((KernelConfig(BLOCK_M=64, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=5,
                                        SPLIT_K=4), None),
-                         (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4), 3)):
+                         (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4), 2)):
         if m > 512 and cfg.SPLIT_K > 1:
             continue
         out = poison(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
