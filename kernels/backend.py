@@ -7,7 +7,8 @@ Dispatch, per call:
   (weights concatenated at first use), fused SwiGLU + quantization, the down GEMM. Else per-Linear.
 - ``experts``: block-FP8 experts -> the grouped pipeline (grouped_gemm.fused_experts) on weights
   packed at first use. Else the reference.
-- ``topk`` (beam search): kernels/topk.py on CUDA.
+- ``topk`` (beam search): kernels/topk.py on CUDA, its config looked up as the GEMMs' are (m = rows,
+  n = row length, k = k).
 - attention, norms: inherited from the reference.
 
 Kernels run when the input is on CUDA, or on the CPU when Triton's interpreter is on
@@ -118,7 +119,9 @@ class TritonBackend(ReferenceBackend):
             self.calls["topk.reference"] += 1
             return super().topk(scores, k)
         self.calls["topk.triton"] += 1
-        return radix_topk(scores if scores.stride(1) == 1 else scores.contiguous(), k)
+        r, c = scores.shape
+        cfg = self._config("topk", max(1, r), c, k)  # tuned per (C, k, bucket of the rows), as the GEMMs
+        return radix_topk(scores if scores.stride(1) == 1 else scores.contiguous(), k, config=cfg)
 
     # -- MoE ----------------------------------------------------------------------------------------
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

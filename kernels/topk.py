@@ -58,7 +58,7 @@ SMALL_C = 16384  # rows up to this long: one program per row
 CAND_CAP = 16384  # candidate buffer per row, at least (4k + 1024 are expected)
 SORT_MAX = 2048  # k up to this: sorted in the kernel; larger k: torch.sort of the k composites
 SAMPLE_BLOCKS, SAMPLE_LEN = 512, 32
-ROWS_BLOCK = 2048  # elements per step of the one-program-per-row kernels
+ROWS_BLOCK = 2048  # elements per step of the sample and final per-row kernels (short rows: config.BLOCK_K)
 MAX_ROWS_PER_LAUNCH = 65535  # CUDA grid y limit: the multi-program path takes more rows in slices
 
 # per-row state records (int64 fields) of the multi-program path
@@ -84,6 +84,13 @@ def _plan(c: int, k: int) -> tuple[bool, int, int]:
     j = -(-s * target // c)
     use = j <= s // 8
     return use, j, min(c, max(CAND_CAP, 2 * target if use else 0, k))
+
+
+def one_program_per_row(c: int, k: int) -> bool:
+    """Whether ``topk`` (single_program=None) takes the one-program-per-row path for rows of c with this k:
+    rows of at most SMALL_C, and rows up to 16 * SMALL_C where k is too large a share for the sample filter.
+    Which config fields matter follows from it (the tuner's search space, fp8conv.tuning.candidates)."""
+    return c <= SMALL_C or (c <= 16 * SMALL_C and not _plan(c, k)[0])
 
 
 # -- device helpers ----------------------------------------------------------------------------------
@@ -501,7 +508,12 @@ def topk(scores: torch.Tensor, k: int, config: KernelConfig | None = None, *,
 
     config: KernelConfig of the "topk" kernel (default: fp8conv.kernels.config.default_config):
     BLOCK_N = elements per program of the multi-program path, BLOCK_K = elements per loop step of its
-    streaming passes, num_warps of those passes. single_program: force (True) or forbid (False) the
+    streaming passes (filter, stage 2, narrowing passes; capped at BLOCK_N) and of the one-program-per-row
+    path's reads of the row, num_warps of those kernels; the other fields are unused, and so is the config
+    by the sample kernel and the final per-row kernel of the multi-program path (ROWS_BLOCK elements per
+    step, 8 warps: they read a 16K sample and the ~4k + 1024 candidates, whatever the row length). The
+    fp8conv.kernels backend passes the tuned config (fp8conv.kernels.config.resolve_config); a direct call
+    without one uses the default. single_program: force (True) or forbid (False) the
     one-program-per-row path; None: rows of at most SMALL_C elements take it (and rows up to
     16 * SMALL_C where k is too large a share for the sample filter). No host synchronisation
     (CUDA-graph capturable). See the module docstring for the algorithm. _trace (tests): a dict that
@@ -537,13 +549,13 @@ def topk(scores: torch.Tensor, k: int, config: KernelConfig | None = None, *,
         scratch = torch.empty(r, tile, dtype=torch.int64, device=dev)
         ock = scratch
     if single_program is None:  # rows too short for the sample filter narrow in one program up to 256K
-        small = c <= SMALL_C or (c <= 16 * SMALL_C and not _plan(c, k)[0])
+        small = one_program_per_row(c, k)
     else:
         small = single_program
-    if small:
+    if small:  # the row streamed in BLOCK_K steps by num_warps warps (the default: ROWS_BLOCK, 8)
         _rows_kernel[(r,)](scores, scores.stride(0), c, k, scratch, scratch, 0, 0, 0,
                            scratch, out_v, out_i, ock, FROM_X=True, EXACT=exact, LEVELS=_levels((c << 32) - 1),
-                           BLOCK=ROWS_BLOCK, TILE=tile, KP=kp, NB=NB, NB_LOG=NB_LOG, num_warps=8)
+                           BLOCK=cfg.BLOCK_K, TILE=tile, KP=kp, NB=NB, NB_LOG=NB_LOG, num_warps=cfg.num_warps)
     else:
         for r0 in range(0, r, MAX_ROWS_PER_LAUNCH):
             r1 = min(r, r0 + MAX_ROWS_PER_LAUNCH)

@@ -157,3 +157,70 @@ def test_model_like_sequence_cuda():
     fp8_err = metrics.mean_rel_error(y_ref, y_bf16)
     check(y_fast, y_ref, tol=0.6 * fp8_err, what=f"chained block (FP8 reference vs bf16: {fp8_err:.2e})")
     assert be.calls["experts.fp8"] == 2 and be.calls["swiglu_mlp.fp8"] == 2
+
+
+# -- top-k: configs from the tuning cache, as the GEMMs' ---------------------------------------------------
+
+def _topk_cache(root, device, c, k, cfg, m=32):
+    """A tuning-cache file holding ``cfg`` for top-k over rows of c, keeping k, at m rows."""
+    from fp8conv.tuning import cache, lookup
+
+    e = cache.Entry(cfg, m, lookup.triton_version(), "2.11.0", "2026-11-24", 10.0, 12.0, "torch.topk", 40.0,
+                    {"metric": "exact", "value": 0.0, "tolerance": 1e-3, "passed": True})
+    cache.write(root, cache.CacheFile(device, "topk", c, k, {m: e}))
+
+
+TOPK_TUNED = {"BLOCK_N": 16384, "BLOCK_K": 1024, "num_warps": 4, "BLOCK_M": 1, "GROUP_M": 1, "num_stages": 1}
+
+
+@pytest.mark.usefixtures("isolated_tuning_cache")
+def test_topk_launches_with_the_tuned_config(tmp_path, monkeypatch):
+    """TritonBackend.topk looks its config up by (rows, C, k), records the source, and passes it on."""
+    from fp8conv.kernels import backend as be_mod
+    from fp8conv.kernels.config import KernelConfig, default_config
+    from fp8conv.tuning import cache, lookup
+
+    dev = "NVIDIA H100 80GB HBM3"
+    tuned = KernelConfig(**TOPK_TUNED)
+    _topk_cache(tmp_path, dev, 8192, 512, tuned)
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(lookup, "current_device", lambda: dev)
+    seen = []
+    monkeypatch.setattr(be_mod, "radix_topk", lambda s, k, config=None: seen.append((k, config)) or "out")
+
+    class Scores:  # what TritonBackend.topk reads of a CUDA tensor (the kernel itself is replaced)
+        is_cuda = True
+
+        def __init__(self, r, c):
+            self.shape = (r, c)
+
+        def dim(self):
+            return 2
+
+        def stride(self, d):
+            return 1
+
+    be = TritonBackend()
+    assert be.topk(Scores(20, 8192), 512) == "out"  # 20 rows: bucket 32, exact
+    assert seen == [(512, tuned)] and be.config_sources[("topk", 20, 8192, 512, None)] == "tuned"
+    with pytest.warns(lookup.TuningFallbackWarning, match="documented default"):
+        be.topk(Scores(20, 8192), 10)  # another k: no entry
+    assert seen[-1] == (10, default_config("topk", 20, 8192, 10))
+    assert be.config_sources[("topk", 20, 8192, 10, None)] == "default"
+    assert be.calls["topk.triton"] == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("isolated_tuning_cache")
+def test_topk_with_a_tuned_config_cuda(tmp_path, monkeypatch):
+    from fp8conv.kernels.config import KernelConfig
+    from fp8conv.tuning import cache
+
+    _topk_cache(tmp_path, torch.cuda.get_device_name(), 8192, 512, KernelConfig(**TOPK_TUNED))
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.randn(32, 8192, device="cuda", generator=g).log_softmax(-1)
+    be = TritonBackend()
+    v, i = be.topk(scores, 512)
+    assert be.config_sources[("topk", 32, 8192, 512, None)] == "tuned"
+    assert torch.equal(v, torch.topk(scores, 512).values) and torch.equal(scores.gather(1, i), v)

@@ -234,6 +234,32 @@ def test_default_config():
         assert 2**14 <= cfg.BLOCK_N <= 2**20 and cfg.BLOCK_N & (cfg.BLOCK_N - 1) == 0
 
 
+@pytest.mark.parametrize("cfg", [KernelConfig(BLOCK_K=1024, num_warps=4), KernelConfig(BLOCK_K=4096, num_warps=16)],
+                         ids=["1024w4", "4096w16"])
+def test_short_rows_take_the_configs_step_and_warps(cfg, monkeypatch):
+    """One program per row reads the config's BLOCK_K (elements per step) and num_warps (what the tuner
+    varies there); every step size gives the same exact answer, ties and -inf included."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.cat([torch.randn(2, 5000, generator=g), _special_rows(5000, g)]).to(_dev())
+    assert topk_mod.one_program_per_row(5000, 100) and not topk_mod.one_program_per_row(20000, 10)
+    real, launched = topk_mod._rows_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launched.append((kw["BLOCK"], kw["num_warps"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(topk_mod, "_rows_kernel", Spy())
+    for k in (1, 100):
+        check(x, k, config=cfg)
+    assert launched == [(cfg.BLOCK_K, cfg.num_warps)] * 2
+    launched.clear()
+    check(x, 100)  # the default: 2048 elements a step, 8 warps, as before configs reached this path
+    assert launched == [(topk_mod.ROWS_BLOCK, 8)]
+
+
 # -- GPU, the beam-search shapes -------------------------------------------------------------------------
 
 @pytest.mark.cuda

@@ -2,6 +2,7 @@
 gate under the Triton interpreter, and a real tuning run on a GPU (marked cuda)."""
 
 import json
+import math
 import os
 
 import pytest
@@ -97,6 +98,78 @@ def test_kernel_bench_checks_real_kernels_and_catches_unwritten_output(p):
     assert res.trials[0].status == "wrong"
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter path")
+@pytest.mark.parametrize("p", [Problem("topk", 4096, 64, 2, rows=2), Problem("topk", 20000, 10, 2, rows=2)],
+                         ids=["rows", "multi"])
+def test_kernel_bench_holds_topk_to_an_exact_answer(p):
+    """The real kernels/topk.py under the interpreter, on each path: every generated candidate checks out
+    exactly (error 0) and is timed; a wrong value, a wrong, repeated or out-of-range index, the k+1-th
+    element, a reordered row or an unwritten output fails, and a failing candidate is never timed."""
+    from fp8conv.kernels import topk as tk
+    from fp8conv.tuning import candidates, gpu, search
+
+    assert tk.one_program_per_row(p.n, p.k) == (p.n <= tk.SMALL_C)
+    cands = candidates.candidates(p, candidates.H100, keep=3)
+    assert len(cands) == 3
+    res = search.search(p, cands, gpu.KernelBench("cpu"), lambda f: gpu.wall_timer(f, reps=1))
+    assert [t.status for t in res.trials] == ["ok"] * 3, [t.message for t in res.trials]
+    assert all(t.error == 0.0 and t.time_us > 0 for t in res.trials)
+    assert res.entry("3.6.0", "2.11.0").checked["metric"] == gpu.TOPK_METRIC
+
+    bench = gpu.KernelBench("cpu")
+    bench.setup(p)
+    x = bench._s["x"]
+    assert x.dtype == torch.float32 and x.shape == (p.m, p.n)
+    v, i = bench.run(cands[1])
+    assert bench.error((v, i)) == 0.0 and torch.equal(v, torch.topk(x, p.k).values)
+    lowest = x.argmin(dim=1)
+
+    def corrupt(f):
+        vv, ii = v.clone(), i.clone()
+        f(vv, ii)
+        return bench.error((vv, ii))
+
+    def next_one(vv, ii):  # the (k+1)-th largest in place of the k-th
+        t = torch.topk(x, p.k + 1)
+        vv[:, -1], ii[:, -1] = t.values[:, -1], t.indices[:, -1]
+
+    cases = {
+        "value": lambda vv, ii: vv[0, 3].sub_(1.0),
+        "index elsewhere": lambda vv, ii: ii[0, 0].copy_(lowest[0]),
+        "index repeated": lambda vv, ii: ii[1, 1].copy_(ii[1, 0]),
+        "index out of range": lambda vv, ii: ii[1, 2].fill_(p.n),
+        "negative index": lambda vv, ii: ii[0, 1].fill_(-1),
+        "k+1-th": next_one,
+        "order": lambda vv, ii: (vv[0, :2].copy_(vv[0, :2].flip(0)), ii[0, :2].copy_(ii[0, :2].flip(0))),
+        "unwritten": lambda vv, ii: (vv.fill_(0.0), ii.fill_(0)),
+    }
+    for what, f in cases.items():
+        assert corrupt(f) == math.inf, what
+    assert bench.error((v[:, :-1], i[:, :-1])) == math.inf  # too few
+
+    class Wrong(gpu.KernelBench):  # a "kernel" that misses the largest element of row 0
+        def _launch(self, cfg, j):
+            vv, ii = super()._launch(cfg, j)
+            vv[0, 0], ii[0, 0] = vv[0, 1], ii[0, 1]
+            return vv, ii
+
+    timed = []
+    res = search.search(p, cands[:1], Wrong("cpu"), lambda f: timed.append(f) or 1.0)
+    assert res.trials[0].status == "wrong" and not timed
+
+
+def test_topk_error_accepts_other_indices_among_ties():
+    """torch.topk may break ties differently: any distinct indices holding the top values pass."""
+    from fp8conv.tuning import gpu
+
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
+    ref = torch.topk(x, 2).values
+    assert gpu._topk_error(x, (ref.clone(), torch.tensor([[4, 1]])), ref) == 0.0
+    assert gpu._topk_error(x, (ref.clone(), torch.tensor([[2, 1]])), ref) == 0.0
+    assert gpu._topk_error(x, (ref.clone(), torch.tensor([[1, 1]])), ref) == math.inf  # one element twice
+    assert gpu._topk_error(x, (ref.clone(), torch.tensor([[1, 0]])), ref) == math.inf  # x[0] is 1.0
+
+
 # -- a real tuning run ---------------------------------------------------------------------------------------
 
 @pytest.mark.cuda
@@ -119,6 +192,28 @@ def test_real_tuning_run_on_the_gpu(tmp_path, capsys):
     rep2 = json.loads(capsys.readouterr().out)
     assert rc == 0 and rep2["summary"]["tuned"] == 0
     assert rep2["summary"]["resumed"] == rep["summary"]["tuned"]
+
+
+@pytest.mark.cuda
+def test_real_topk_tuning_on_the_gpu(tmp_path):
+    """Both top-k paths tuned for real (one program per row; several per row): every candidate passes the
+    exact check on this GPU, the winner and torch.topk are timed, and the look-up then finds the entries."""
+    from fp8conv.tuning import candidates, gpu, search
+
+    dev = torch.cuda.get_device_name()
+    lim = candidates.device_limits()
+    ps = [Problem("topk", 8192, 512, 32, rows=32), Problem("topk", 1048576, 64, 8, rows=8)]
+    out = search.run_targets(ps, tmp_path, dev, gpu.KernelBench("cuda"), gpu.cuda_timer,
+                             lambda p: candidates.candidates(p, lim, keep=4), triton=lookup.triton_version(),
+                             torch=torch.__version__.split("+")[0])
+    for p, o in zip(ps, out):
+        assert o.status == "tuned" and o.problem == p
+        assert [t.status for t in o.result.trials] == ["ok"] * len(o.result.trials), \
+            [t.message for t in o.result.trials]
+        e = o.entry
+        assert e.baseline == "torch.topk" and e.baseline_time_us > 0 and e.time_us > 0
+        assert e.checked["value"] == 0.0 and e.checked["metric"] == gpu.TOPK_METRIC
+        assert lookup.lookup("topk", p.n, p.k, p.m, dirs=[tmp_path]).level == "exact"
 
 
 # -- the whole tune flow on the CPU with a fake device ------------------------------------------------------
@@ -162,18 +257,20 @@ def test_tune_flow_writes_the_cache_and_reports(tmp_path, capsys):
     src = tuner.load_source(None, "tiny")
     n = len(shapes.tuning_targets(shapes.derive(src.cfg, shapes.Load(batch=4, beam=8))))
     # 6 Linear shapes x 2 buckets (4 and 32 tokens: steps 1 and 2 both decode 32 one-token rows);
-    # 2 expert GEMMs x 2 buckets (1 and 10 rows/expert)
-    assert n == 16
+    # 2 expert GEMMs x 2 buckets (1 and 10 rows/expert); 3 top-k (4 x 200 -> 8, 4 x 1600 -> 8, -> 10)
+    assert n == 19
     rep = tuner.tune(src, shapes.Load(batch=4, beam=8), tmp_path, None, keep=4, quiet=True,
                      bench=_FakeDevice(), timer=lambda f: f.seconds, device=H100, lim=candidates.H100)
     assert rep["summary"]["tuned"] == len(rep["shapes"]) == n
     assert rep["geomean_speedup_vs_default"] >= 10 / 8 and rep["geomean_speedup_vs_baseline"] > 0.5
-    assert rep["not_tuned"] and all(p["kernel"] == "topk" for p in rep["not_tuned"])
+    assert rep["not_tuned"] == []  # top-k is tuned too
+    assert sum(s["problem"]["kernel"] == "topk" and s["status"] == "tuned" for s in rep["shapes"]) == 3
     good, bad = cache.scan(tmp_path)
     assert not bad and sum(len(cf.entries) for _, cf in good) == n
     tuner.print_tune(rep)
     err = capsys.readouterr().err
-    assert "x default" in err and f"{n} tuned" in err
+    assert "x default" in err and f"{n} tuned" in err and "not tuned" not in err
+    assert "topk                1600     8       4       4 |" in err and " | chunk 16384 step " in err
     # what the run-time look-up then finds for the same load: all exact
     lookup.clear()
     for p in shapes.tuning_targets(shapes.derive(src.cfg, shapes.Load(batch=4, beam=8))):

@@ -180,3 +180,46 @@ def test_concurrent_writers_keep_every_bucket(tmp_path):
         t.join()
     got = cache.read(cache.cache_path(tmp_path, DEV, "fp8_gemm", 1408, 1408))
     assert sorted(got.entries) == [1 << i for i in range(12)]
+
+
+@pytest.mark.usefixtures("isolated_tuning_cache")
+@pytest.mark.parametrize("rows,c,k", [(32, 8192, 512), (32, 4194304, 512)], ids=["rows", "long"])
+def test_topk_search_loop_writes_what_the_lookup_and_the_backend_then_use(tmp_path, monkeypatch, rows, c, k):
+    """The loop over a top-k problem's generated candidates (fake timer: the default slowest, one
+    candidate wrong, one failing to launch): the fastest correct config is written to
+    <device>/topk_N<C>_K<k>.json under the rows' bucket, and the run-time look-up returns it."""
+    from fp8conv.kernels.config import default_config, resolve_config
+    from fp8conv.tuning import candidates, lookup
+
+    p = Problem("topk", c, k, rows, rows=rows)
+    cands = candidates.candidates(p, candidates.H100, keep=6)
+    assert cands[0] == default_config("topk", rows, c, k) and len(cands) == 6
+    # default 9 us; then 8, 7, 6, ... us, except the fastest (wrong output) and one that does not launch
+    table = {cf: (9e-6 - 1e-6 * i, 0.0) for i, cf in enumerate(cands)}
+    table[cands[-1]] = (1e-6, math.inf)  # a wrong top-k (gpu._topk_error gives inf)
+    table[cands[2]] = (None, 0.0)
+    bench = FakeBench(table)
+    make = lambda q: candidates.candidates(q, candidates.H100, keep=6)  # noqa: E731
+    out = search.run_targets([p], tmp_path, DEV, bench, fake_timer, make, triton="3.6.0", torch="2.11.0")
+    assert [o.status for o in out] == ["tuned"]
+    assert cands[-1] not in bench.timed and cands[2] not in bench.timed
+    path = cache.cache_path(tmp_path, DEV, "topk", c, k)
+    assert path.name == f"topk_N{c}_K{k}.json" and out[0].path == path
+    e = cache.read(path).entries[32]
+    assert e.config == cands[4] and e.speedup_vs_default == pytest.approx(9 / 5)
+    assert e.m == rows and e.extra["rejected"] == 2
+    # the look-up: exact for these rows' bucket, nearest for other row counts, default for another k
+    ch = lookup.lookup("topk", c, k, rows, device=DEV, triton="3.6.0", dirs=[tmp_path])
+    assert (ch.level, ch.config) == ("exact", cands[4])
+    assert lookup.lookup("topk", c, k, 1, device=DEV, triton="3.6.0", dirs=[tmp_path]).level == "nearest"
+    assert lookup.lookup("topk", c, k + 1, rows, device=DEV, triton="3.6.0", dirs=[tmp_path]).level == "default"
+    # what TritonBackend.topk calls (resolve_config("topk", rows, C, k)) on this device
+    monkeypatch.setenv(cache.ENV_VAR, str(tmp_path))
+    monkeypatch.setattr(lookup, "current_device", lambda: DEV)
+    monkeypatch.setattr(lookup, "triton_version", lambda: "3.6.0")
+    assert resolve_config("topk", rows, c, k) == (cands[4], "tuned")
+    # resumed, not re-measured
+    bench2 = FakeBench(table)
+    out = search.run_targets([p], tmp_path, DEV, bench2, fake_timer, lambda q: list(table), triton="3.6.0",
+                             torch="2.11.0")
+    assert out[0].status == "resumed" and bench2.setups == []

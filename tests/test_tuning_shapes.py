@@ -34,7 +34,7 @@ def test_tiny_preset_shapes_at_batch_32_beam_512():
     assert {(p.n, p.k) for p in grouped if not p.swiglu} == {(128, 192)}
     topk = [p for p in probs if p.kernel == "topk"]
     assert [(p.m, p.n, p.k) for p in topk] == [(32, 200, 200), (32, 40000, 512), (32, 102400, 10)]
-    assert not any(p.tunable for p in topk)
+    assert all(p.tunable for p in topk)  # kernels/topk.py, keyed by (row length, k, rows)
     # heads and context projection stay in the source precision under the built-in recipe
     assert not any(("lm_heads" in u or "context" in u) for p in probs for u in p.uses)
     assert any(u == "model.layers.*.self_attn.k_proj @ step 1" for p in probs for u in p.uses)
@@ -75,13 +75,19 @@ def test_tuning_targets_one_per_cache_entry():
     targets = shapes.tuning_targets(shapes.derive(cfg, shapes.Load()))
     keys = [p.key for p in targets]
     # steps 1 and 2 both decode 32 x 512 rows of one token: 5 Linear shapes x 2 buckets + 2 expert GEMMs
-    # x 2 buckets
-    assert len(keys) == len(set(keys)) == 14
+    # x 2 buckets; and the three top-k steps (32 rows each)
+    assert len(keys) == len(set(keys)) == 17
     assert {bucket(p.m) for p in targets if p.kernel == "fp8_gemm"} == {32, 16384}
     assert {(p.n, p.k) for p in targets if p.kernel == "fp8_grouped_gemm"} == {(2816, 1408), (1408, 1408)}
+    assert sorted((p.m, p.n, p.k) for p in targets if p.kernel == "topk") == [
+        (32, 8192, 512), (32, 4194304, 10), (32, 4194304, 512)]
     # the heaviest first, so a budget-cut run has done the work that matters most
-    work = [(p.rows or p.m) * p.n * p.k for p in targets]
+    work = [p.work_s for p in targets]
     assert work == sorted(work, reverse=True)
+    gemms = [(p.rows or p.m) * p.n * p.k for p in targets if p.kernel != "topk"]  # FLOPs order among GEMMs
+    assert gemms == sorted(gemms, reverse=True)
+    # the 4M-candidate top-k reads 512 MB: as heavy as the big GEMMs, not last
+    assert max(i for i, p in enumerate(targets) if p.kernel == "topk" and p.n == 4194304) < 5
 
 
 def test_schemes_from_safetensors_headers(tmp_path):
@@ -99,7 +105,7 @@ def test_schemes_from_safetensors_headers(tmp_path):
                        "model.layers.1.mlp.experts.0.gate_proj.weight": "block",
                        "lm_heads.0.proj.weight": "keep"}
     probs = shapes.derive(preset("tiny"), shapes.Load(batch=2, beam=4), schemes)
-    tunable = [p for p in probs if p.tunable]
+    tunable = [p for p in probs if p.tunable and p.kernel != "topk"]  # top-k runs whatever the schemes
     # only the one FP8 Linear; experts of which only some are FP8 run on the reference path
     assert {(p.kernel, p.n, p.k) for p in tunable} == {("fp8_gemm", 128, 128)}
     assert all(u.startswith("model.layers.*.self_attn.q_proj") for p in tunable for u in p.uses)
@@ -142,6 +148,21 @@ def test_candidates_fit_the_gpu_and_the_kernel(p):
         assert max(c.BLOCK_M for c in cs) <= 64
 
 
+def test_split_k_candidates_only_where_tiles_leave_sms_idle():
+    """SPLIT_K is tried for decode-sized M (few output tiles), never for the large-M GEMMs or the grouped
+    kernel; every split keeps >= 2 K steps; split variants take at most a third of the places and
+    split-1 tiles stay in the list."""
+    down32 = shapes.Problem("fp8_gemm", 1408, 3840, 32, rows=32)
+    cs = cd.candidates(down32, cd.H100, keep=24)
+    splits = [c for c in cs if c.SPLIT_K > 1]
+    assert splits and len(splits) <= 23 // 3 and len(cs) - len(splits) >= 16
+    for c in splits:
+        assert -(-3840 // c.BLOCK_K) >= 2 * c.SPLIT_K
+        assert -(-32 // c.BLOCK_M) * -(-1408 // c.BLOCK_N) * 2 <= cd.H100.sms
+    for p in (P_BIG, P_GU, P_DN):
+        assert all(c.SPLIT_K == 1 for c in cd.candidates(p, cd.H100, keep=24))
+
+
 def test_smaller_gpu_limits_filter_more():
     small = dataclasses.replace(cd.H100, max_shared=48 * 1024, max_regs=32768)
     cs = cd.candidates(P_BIG, small, keep=64)
@@ -160,3 +181,67 @@ def test_cost_model_prefers_fewer_waves_and_larger_tiles():
     assert cd.estimate_us(P_BIG, big, lim) < cd.estimate_us(P_BIG, tiny, lim)
     two_stage = dataclasses.replace(big, num_stages=2)
     assert cd.estimate_us(P_BIG, big, lim) < cd.estimate_us(P_BIG, two_stage, lim)
+
+
+# -- top-k candidates -------------------------------------------------------------------------------------
+
+T_ROWS = shapes.Problem("topk", 8192, 512, 32, rows=32)  # beam step 0: one program per row
+T_LONG = shapes.Problem("topk", 4194304, 512, 32, rows=32)  # steps 1, 2: the multi-program path
+T_LAST = shapes.Problem("topk", 4194304, 10, 32, rows=32)
+T_TINY = shapes.Problem("topk", 200, 8, 4, rows=4)
+
+
+@pytest.mark.parametrize("p", [T_ROWS, T_LONG, T_LAST, T_TINY], ids=["rows", "long", "last", "tiny"])
+def test_topk_candidates_vary_only_what_the_kernels_read(p):
+    from fp8conv.kernels import topk as tk
+
+    cs = cd.candidates(p, cd.H100, keep=24)
+    d = default_config("topk", p.m, p.n, p.k)
+    assert cs[0] == d and len(set(cs)) == len(cs) and 2 <= len(cs) <= 24
+    short = tk.one_program_per_row(p.n, p.k)
+    assert short == (p.n <= tk.SMALL_C)
+    for c in cs[1:]:
+        assert cd.fits(p, c, cd.H100) is None
+        # fields no top-k kernel reads (BLOCK_M, GROUP_M, num_stages, the GEMMs' own) stay the default's
+        varied = {"BLOCK_N", "BLOCK_K", "num_warps"}
+        assert {f: v for f, v in c.to_dict().items() if f not in varied} == \
+            {f: v for f, v in d.to_dict().items() if f not in varied}
+        for v in (c.BLOCK_N, c.BLOCK_K, c.num_warps):
+            assert v & (v - 1) == 0
+        per_thread = c.BLOCK_K // (32 * c.num_warps)
+        assert 2 <= per_thread <= 16
+        if short:  # one program per row: BLOCK_N is unused, BLOCK_K need not exceed the row
+            assert c.BLOCK_N == d.BLOCK_N and c.BLOCK_K <= max(1024, p.n)
+        else:
+            assert c.BLOCK_K <= c.BLOCK_N <= p.n and 2**14 <= c.BLOCK_N <= 2**20
+    if p is T_ROWS:  # every valid short-row config is timed: 1024-8192 elements x 4-16 warps
+        assert len(cs) == 9 and {c.BLOCK_K for c in cs} == {1024, 2048, 4096, 8192}
+    if p is T_LONG:  # several chunk sizes, not one chunk in many variants
+        assert len({c.BLOCK_N for c in cs}) >= 4 and len({c.BLOCK_K for c in cs}) >= 3
+    if p is T_TINY:  # a 200-element row: steps above 1024 only mask (the default's 2048 is still first)
+        assert {c.BLOCK_K for c in cs[1:]} == {1024}
+
+
+def test_topk_fits_and_cost_model():
+    from fp8conv.kernels.config import KernelConfig
+
+    d = default_config("topk", 32, 4194304, 512)
+    assert cd.fits(T_LONG, d, cd.H100) is None
+    assert "power of two" in cd.fits(T_LONG, dataclasses.replace(d, BLOCK_N=100000), cd.H100)
+    assert "BLOCK_K" in cd.fits(T_LONG, dataclasses.replace(d, BLOCK_N=16384, BLOCK_K=32768), cd.H100)
+    assert "per thread" in cd.fits(T_LONG, dataclasses.replace(d, BLOCK_K=512, num_warps=16), cd.H100)
+    assert "per thread" in cd.fits(T_ROWS, dataclasses.replace(d, BLOCK_K=8192, num_warps=4), cd.H100)
+    assert cd.fits(T_ROWS, dataclasses.replace(d, BLOCK_N=1 << 30), cd.H100) is None  # unused on short rows
+    # bytes-bound: 512 MB read once costs at least its time at HBM bandwidth, and about that
+    est = cd.estimate_us(T_LONG, d, cd.H100)
+    hbm_us = 32 * 4194304 * 4 / (cd.H100.hbm_gbps * 1e3)
+    assert hbm_us < est < 3 * hbm_us
+    # 32 programs of 4M / 1M elements cannot keep enough loads in flight: slower than ~1000 programs
+    few = KernelConfig(BLOCK_M=1, BLOCK_N=1 << 20, BLOCK_K=2048, GROUP_M=1, num_warps=8, num_stages=1)
+    assert cd.estimate_us(T_LONG, few, cd.H100) > 1.2 * est
+    # one program per row: fewer, longer steps are faster (each step is a round trip)
+    rows_d = default_config("topk", 32, 8192, 512)
+    assert cd.estimate_us(T_ROWS, dataclasses.replace(rows_d, BLOCK_K=1024, num_warps=4), cd.H100) > \
+        cd.estimate_us(T_ROWS, rows_d, cd.H100)
+    # the top-k and the GEMMs' estimates do not depend on each other's branches
+    assert cd.estimate_us(P_BIG, cd.candidates(P_BIG, cd.H100)[0], cd.H100) > 0

@@ -35,9 +35,9 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def tune(ckpt: Path | None, preset: str | None, batch: int, beam: int, context: int, budget_minutes: float,
          cache_dir: Path | None, force: bool, keep: int, show: bool, device: str | None, as_json: bool) -> None:
-    """Tune the FP8 GEMM and grouped expert GEMM configs for every shape CKPT serves at this load, on
-    this GPU, and write the winners (with their provenance) to the tuning cache. Each shape is written
-    when done, so an interrupted run resumes. Exits 2 without a CUDA GPU (unless --show)."""
+    """Tune the FP8 GEMM, grouped expert GEMM and beam-search top-k configs for every shape CKPT serves
+    at this load, on this GPU, and write the winners (with their provenance) to the tuning cache. Each
+    shape is written when done, so an interrupted run resumes. Exits 2 without a CUDA GPU (unless --show)."""
     import os
 
     from fp8conv.errors import UserError

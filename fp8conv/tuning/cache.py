@@ -4,6 +4,8 @@ One human-readable JSON file per (device, kernel, weight shape)::
 
     <dir>/<DEVICE>/<kernel>_N<n>_K<k>.json      e.g. NVIDIA_H100_80GB_HBM3/fp8_gemm_N1408_K1408.json
 
+(for "topk": N = the row length, K = k kept, and the buckets count rows)
+
 holding a format tag and version, its key (which must match the file's name and folder), and entries
 keyed by token-count bucket (a power of two, see ``bucket``). Each entry records the config, the Triton
 and torch versions and date it was measured with, its time, its speed-up over the default config and
@@ -28,7 +30,7 @@ from fp8conv.kernels.config import KernelConfig
 
 FORMAT = "fp8conv-tuning-cache"
 FORMAT_VERSION = 1
-KERNELS = ("fp8_gemm", "fp8_grouped_gemm")
+KERNELS = ("fp8_gemm", "fp8_grouped_gemm", "topk")  # what `fp8conv tune` writes (any [a-z0-9_] name parses)
 ENV_VAR = "FP8CONV_TUNING_CACHE"
 
 _FILE_RE = re.compile(r"^(?P<kernel>[a-z0-9_]+)_N(?P<n>\d+)_K(?P<k>\d+)\.json$")

@@ -10,6 +10,10 @@ The cost model is deliberately simple (it prunes; the timer decides): a persiste
 output tiles runs in waves over the SMs; a tile costs the larger of its tensor-core time and its
 operand traffic (hidden only with >= 3 stages), plus its epilogue; the whole launch costs at least its
 unique HBM bytes.
+
+Top-k (kernels/topk.py) has its own space, filters and model (the "top-k" section below): only the
+fields its kernels read vary (chunk per program and loop step on long rows, loop step and warps on
+short ones), and its estimate is the scores' bytes at the bandwidth the resident programs can draw.
 """
 
 from __future__ import annotations
@@ -94,6 +98,8 @@ def acc_regs(p: Problem, c: KernelConfig) -> int:
 
 def fits(p: Problem, c: KernelConfig, lim: Limits) -> str | None:
     """None if the GPU and kernel can take ``c``, else why not."""
+    if p.kernel == "topk":
+        return _topk_fits(p, c, lim)
     if shared_bytes(p, c) > lim.max_shared:
         return f"shared memory {shared_bytes(p, c)} > {lim.max_shared}"
     if acc_regs(p, c) > ACC_REGS_BUDGET:
@@ -117,18 +123,37 @@ def _relevant(p: Problem, c: KernelConfig) -> bool:
 def candidates(p: Problem, lim: Limits, keep: int = 24, slack: float = 2.0) -> list[KernelConfig]:
     """At most ``keep`` configs that fit and whose estimate is within ``slack`` x the best one's, spread
     over tile shapes, cheapest first; the default always comes first."""
+    if p.kernel == "topk":
+        return _topk_candidates(p, lim, keep, slack)
     default = _default(p)
     pool = []
     for bm, bn, bk, gm, w, s in _space(p):
-        c = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s)
-        if c != default and fits(p, c, lim) is None and _relevant(p, c):
-            pool.append(c)
+        for split in _splits(p, bm, bn, bk, lim):
+            c = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s,
+                             SPLIT_K=split)
+            if c != default and fits(p, c, lim) is None and _relevant(p, c):
+                pool.append(c)
     est = {c: estimate_us(p, c, lim) for c in pool}
     pool.sort(key=lambda c: (est[c], -c.GROUP_M, c.num_stages))
     if pool:
         best = min(est[pool[0]], estimate_us(p, default, lim))
         pool = [c for c in pool if est[c] <= slack * best]
-    return [default] + _diverse(pool, keep - 1)
+    # split-K variants get at most a third of the places (the model favours them more than the H100 does)
+    split = [c for c in pool if c.SPLIT_K > 1]
+    whole = _diverse([c for c in pool if c.SPLIT_K == 1], keep - 1 - min(len(split), (keep - 1) // 3))
+    return [default] + whole + _diverse(split, keep - 1 - len(whole))
+
+
+def _splits(p: Problem, bm: int, bn: int, bk: int, lim: Limits) -> tuple[int, ...]:
+    """SPLIT_K values worth trying (fp8_gemm only): splits of K over programs when the output tiles
+    alone fill less than half the SMs and every split keeps at least two K steps. Measured on an H100
+    at M = 32 (docs/benchmarks.md): a split of 2 helps the K = 3840 GEMM (7.3 -> 6.8 us), more splits
+    or shorter K only add the fix-up."""
+    if p.kernel != "fp8_gemm":
+        return (1,)
+    tiles = math.ceil(p.m / bm) * math.ceil(p.n / bn)
+    steps = math.ceil(p.k / bk)
+    return (1,) + tuple(s for s in (2, 4) if tiles * 2 <= lim.sms and steps >= 2 * s)
 
 
 def _default(p: Problem) -> KernelConfig:
@@ -143,7 +168,7 @@ def _diverse(ranked: list[KernelConfig], keep: int) -> list[KernelConfig]:
     by up to 1.5x at equal tiles), then the second best of each, ..."""
     by_tile: dict[tuple, list[KernelConfig]] = {}
     for c in ranked:
-        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M), []).append(c)
+        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.SPLIT_K), []).append(c)
     out: list[KernelConfig] = []
     for rank in itertools.count():
         row = [cs[rank] for cs in by_tile.values() if rank < len(cs)]
@@ -156,6 +181,8 @@ def _diverse(ranked: list[KernelConfig], keep: int) -> list[KernelConfig]:
 # -- cost model -------------------------------------------------------------------------------------
 
 def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
+    if p.kernel == "topk":
+        return _topk_us(p, c, lim)
     bm, bn, bk = c.BLOCK_M, c.BLOCK_N, c.BLOCK_K
     if p.kernel == "fp8_grouped_gemm":
         e = max(1, p.experts)
@@ -167,8 +194,9 @@ def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
     else:
         rows_padded = math.ceil(p.m / bm) * bm
         weight_bytes = p.n * p.k
-    tiles = (rows_padded // bm) * math.ceil(p.n / bn)
-    k_steps = math.ceil(p.k / bk)
+    split = c.SPLIT_K if p.kernel == "fp8_gemm" else 1
+    tiles = (rows_padded // bm) * math.ceil(p.n / bn) * split
+    k_steps = math.ceil(math.ceil(p.k / bk) / split)
     sm_flops = lim.fp8_tflops * 1e12 / lim.sms
     # tensor-core efficiency: wgmma wants M >= 64 per warpgroup and a wide N; below that, mma.sync
     mma_eff = min(1.0, bm / 64) * min(1.0, bn / 128) * (0.85 if bm * bn >= 128 * 256 else 1.0)
@@ -176,6 +204,8 @@ def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
     load = (bm + bn) * bk * k_steps / (lim.l2_gbps * 1e9 / lim.sms)
     tile = max(compute, load) if c.num_stages >= 3 else compute + 0.5 * load
     tile += bm * bn * 2 / (lim.l2_gbps * 1e9 / lim.sms)  # epilogue store
+    if split > 1:  # FP32 partial written, read back by the last split, and its arrival latency
+        tile += bm * bn * 4 * 2 / (lim.l2_gbps * 1e9 / lim.sms) + 1e-6
     tile += k_steps * 40e-9 / max(1, c.num_stages - 1)  # per-K-step latency not hidden by the ring
     waves = math.ceil(tiles / lim.sms)
     hbm = (rows_padded * p.k + weight_bytes + rows_padded * p.n * 2) / (lim.hbm_gbps * 1e9)
@@ -184,3 +214,132 @@ def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+# -- top-k (kernels/topk.py) ---------------------------------------------------------------------------
+#
+# What a config changes there (kernels/topk.py, ``topk``; the path follows from (C, k) alone,
+# ``topk.one_program_per_row``):
+# - long rows (C > topk.SMALL_C: the 4b preset's 4M-candidate steps), the multi-program path: BLOCK_N =
+#   elements per program (its chunk of a row: R x C / BLOCK_N programs), BLOCK_K = elements per loop step
+#   of its streaming kernels (filter, stage 2, narrowing passes; capped at BLOCK_N), num_warps of those;
+# - short rows (step 0's 8192), one program per row: BLOCK_K = elements per step of its reads of the row,
+#   num_warps; BLOCK_N is unused there and stays the default's.
+# BLOCK_M, GROUP_M and num_stages are read by no top-k kernel: they stay the default's. The sample kernel
+# and the final per-row kernel of the long-row path take no config (fixed sizes, 8 warps).
+TOPK_CHUNKS = tuple(1 << i for i in range(14, 21))  # 16K-1M elements per program, the default's range
+TOPK_STEPS = (512, 1024, 2048, 4096)  # long rows: elements per loop step
+TOPK_ROW_STEPS = (1024, 2048, 4096, 8192)  # short rows: elements per loop step
+TOPK_WARPS = (4, 8, 16)
+# elements a thread holds per step: below 2 most lanes of a step wait on one load; above 16 the streaming
+# kernels spill (the default's 8 compiles to ~70 registers on sm_90, docs/kernels.md)
+TOPK_PER_THREAD = (2, 16)
+TOPK_LATENCY_S = 1e-6  # one dependent round trip to HBM (order of magnitude; Little's law below)
+TOPK_LAUNCH_S = 2.5e-6  # one launch in a CUDA graph, an early-exit grid included
+
+
+def _topk_short(p: Problem) -> bool:
+    from fp8conv.kernels import topk as tk
+
+    return tk.one_program_per_row(max(1, p.n), max(1, p.k))
+
+
+def _topk_step(p: Problem, c: KernelConfig) -> int:
+    """Elements per loop step of the kernels the config drives (topk._multi caps BLOCK_K at BLOCK_N)."""
+    return c.BLOCK_K if _topk_short(p) else min(c.BLOCK_K, c.BLOCK_N)
+
+
+def _topk_regs(per_thread: int) -> int:
+    """Registers per thread of the streaming kernels: ~40 of state, ~4 per element (an int64 composite,
+    its key and masks)."""
+    return 40 + 4 * per_thread
+
+
+def _topk_fits(p: Problem, c: KernelConfig, lim: Limits) -> str | None:
+    for name in ("BLOCK_N", "BLOCK_K", "num_warps"):
+        v = getattr(c, name)
+        if v & (v - 1):
+            return f"{name} {v} is not a power of two (tl.arange)"
+    if not _topk_short(p) and c.BLOCK_K > c.BLOCK_N:
+        return f"loop step BLOCK_K {c.BLOCK_K} > chunk BLOCK_N {c.BLOCK_N}"
+    threads = 32 * c.num_warps
+    per = _topk_step(p, c) // threads
+    if not TOPK_PER_THREAD[0] <= per <= TOPK_PER_THREAD[1]:
+        return f"{per} elements per thread per step (outside {TOPK_PER_THREAD[0]}-{TOPK_PER_THREAD[1]})"
+    if threads > 1024:
+        return f"{threads} threads per block > 1024"
+    if _topk_regs(per) * threads > lim.max_regs:
+        return f"registers per block > {lim.max_regs}"
+    return None
+
+
+def _topk_space(p: Problem, default: KernelConfig) -> list[KernelConfig]:
+    """The raw space (before the filters): the fields the path reads, the rest the default's."""
+    import dataclasses
+
+    if _topk_short(p):
+        cap = max(TOPK_ROW_STEPS[0], _next_pow2(p.n))  # a step longer than the row only masks
+        return [dataclasses.replace(default, BLOCK_K=bk, num_warps=w)
+                for bk in TOPK_ROW_STEPS if bk <= cap for w in TOPK_WARPS]
+    cap = max(TOPK_CHUNKS[0], _next_pow2(p.n))  # a chunk longer than the row is one program per row
+    return [dataclasses.replace(default, BLOCK_N=bn, BLOCK_K=bk, num_warps=w)
+            for bn in TOPK_CHUNKS if bn <= cap for bk in TOPK_STEPS for w in TOPK_WARPS]
+
+
+def _topk_candidates(p: Problem, lim: Limits, keep: int, slack: float) -> list[KernelConfig]:
+    """``candidates`` for top-k: the default first, then the valid configs of ``_topk_space`` by estimate.
+    Short rows have at most 9 valid configs: all are kept (up to ``keep``); long rows' up to 70 are cut to
+    those within ``slack`` x the best estimate, spread over (chunk, step) pairs as ``_diverse`` does tiles."""
+    default = _default(p)
+    pool = [c for c in _topk_space(p, default) if c != default and _topk_fits(p, c, lim) is None]
+    est = {c: _topk_us(p, c, lim) for c in pool}
+    pool.sort(key=lambda c: (est[c], -c.BLOCK_K, c.num_warps, c.BLOCK_N))
+    if pool and not _topk_short(p):
+        best = min(est[pool[0]], _topk_us(p, default, lim))
+        pool = [c for c in pool if est[c] <= slack * best]
+    return [default] + _diverse(pool, keep - 1)  # no split-K for top-k: SPLIT_K stays the default's
+
+
+def _topk_sort_s(k: int, warps: int) -> float:
+    """The per-row bitonic sort of 2 x next_pow2(k) composites (k <= topk.SORT_MAX; larger k: torch.sort,
+    not modelled), ~5 ns per compare-exchange step of a thread."""
+    from fp8conv.kernels import topk as tk
+
+    tile = 2 * _next_pow2(max(2, min(k, tk.SORT_MAX)))
+    lg = tile.bit_length() - 1
+    return (tile // 2) * lg * (lg + 1) / 2 / (32 * warps) * 5e-9
+
+
+def _topk_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
+    """Memory-bound: the R x C float32 scores are read once (the filter; short rows: once from HBM, then
+    from L2), at the bandwidth that the resident programs' loads in flight can draw (Little's law: one
+    loop step each, TOPK_LATENCY_S per round trip), in waves of programs over the SMs; plus the launches
+    (long rows: sample, filter, stage 2, one narrowing pass per 8 bits of the composite, the per-row
+    kernel) and the per-row sort."""
+    from fp8conv.kernels import topk as tk
+
+    r, n, k = max(1, p.m), max(1, p.n), max(1, p.k)
+    hbm = lim.hbm_gbps * 1e9
+    step = max(1, _topk_step(p, c))
+    threads = 32 * c.num_warps
+    per_sm = max(1, min(64 // c.num_warps, lim.max_regs // (_topk_regs(max(1, step // threads)) * threads)))
+    slots = lim.sms * per_sm
+    sm_bw = 2.5 * hbm / lim.sms  # what one SM's loads can draw when few SMs are busy (an assumption)
+    if _topk_short(p):
+        # one program per row: min/max, ~2 narrowing levels and the gather read the row (4 passes), each
+        # in ceil(C / step) dependent steps; the first from HBM, the rest from L2 (~0.6 us a step)
+        steps = 4 * math.ceil(n / step)
+        per_row = steps * (0.6 * TOPK_LATENCY_S + step * 4 / sm_bw) + _topk_sort_s(k, c.num_warps)
+        t = max(r * n * 4 / hbm, math.ceil(r / slots) * per_row) + TOPK_LAUNCH_S
+        return 1e6 * t
+    chunk = c.BLOCK_N
+    per_row_progs = math.ceil(n / chunk)
+    progs = r * per_row_progs
+    busy = min(progs, slots)
+    bw = min(hbm, busy * step * 4 / TOPK_LATENCY_S, busy * sm_bw)
+    stream = math.ceil(progs / slots) * busy * chunk * 4 / bw  # the last wave's idle slots included
+    stage2 = r * per_row_progs ** 2 * 4 / (lim.l2_gbps * 1e9)  # each program sums the row's counts
+    launches = 4 + tk._levels((n << 32) - 1)
+    grids = (launches - 2) * math.ceil(progs / slots) * 0.2e-6  # programs that read a record and exit
+    rows = 4 * math.ceil((4 * k + 1024) / tk.ROWS_BLOCK) * 0.6 * TOPK_LATENCY_S + _topk_sort_s(k, 8)
+    return 1e6 * (stream + stage2 + launches * TOPK_LAUNCH_S + grids + rows)

@@ -4,11 +4,15 @@ timer. ``KernelBench`` implements fp8conv.tuning.search.Bench.
 Correctness (issue 4's gate, on the GPU being tuned): every candidate's output is compared with the
 dequantized float32 reference (rounded where the kernel rounds) by mean |out-ref| / mean |ref|. The
 output buffer is poisoned (NaN) before each checked launch, so a candidate that leaves an element
-unwritten fails instead of inheriting the previous candidate's answer.
+unwritten fails instead of inheriting the previous candidate's answer. Top-k is held to exactness instead
+(``_topk_error``): its values equal torch.topk's, and its indices are distinct and gather those values
+from the input (ties may pick other indices than torch's, so indices are not compared with torch's).
 
 Timing (``cuda_timer``): median of CUDA-event timings of a CUDA graph holding ``inner`` launches, so
 the host's launch overhead is never counted. The weights are rotated over enough copies to exceed twice the L2 cache, so a weight is
-read from HBM as in serving (where every layer has its own) rather than from a warm L2.
+read from HBM as in serving (where every layer has its own) rather than from a warm L2. Top-k's input is
+not rotated: beam search's scores were just written by the log-softmax (warm in L2 where they fit), and
+the long rows' 512 MB are far larger than any L2.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from fp8conv.kernels.config import KernelConfig
 from fp8conv.tuning.shapes import Problem
 
 OUT_DTYPE = torch.bfloat16
+TOPK_METRIC = "exact top-k (values == torch.topk's, distinct indices gathering them): 0 exact, inf not"
 
 
 # -- timer --------------------------------------------------------------------------------------------
@@ -129,11 +134,13 @@ class KernelBench:
         self.seed, self.rotate = seed, rotate
         self.p: Problem | None = None
         self.baseline_name = None
+        self.metric: str | None = None
         self._s: dict = {}
 
     # generic ------------------------------------------------------------------------------------
     def setup(self, p: Problem) -> None:
         self.p, self._s = p, {}
+        self.metric = TOPK_METRIC if p.kernel == "topk" else None  # None: search.METRIC
         torch.manual_seed(self.seed)
         if p.kernel == "fp8_gemm":
             self.baseline_name = "torch._scaled_mm (rowwise)"
@@ -141,6 +148,9 @@ class KernelBench:
         elif p.kernel == "fp8_grouped_gemm":
             self.baseline_name = "torch._grouped_mm (bf16)"
             self._setup_grouped(p)
+        elif p.kernel == "topk":
+            self.baseline_name = "torch.topk"
+            self._setup_topk(p)
         else:
             raise ValueError(f"no bench for kernel {p.kernel!r}")
 
@@ -153,6 +163,8 @@ class KernelBench:
         """mean |out-ref| / mean |ref| of the last ``run`` (for the fused SwiGLU GEMM: the larger of the
         scales' and the dequantized values' error, over the real rows, as kernels.testing.check_quant)."""
         s, p = self._s, self.p
+        if p.kernel == "topk":
+            return _topk_error(s["x"], out, s["ref_v"])
         if p.kernel == "fp8_gemm" or not p.swiglu:
             return metrics.mean_rel_error(out, s["ref"])
         hq, hs = out
@@ -184,6 +196,9 @@ class KernelBench:
         s = self._s
         if self.device.type != "cuda":
             return None
+        if self.p.kernel == "topk":
+            x, k = s["x"], self.p.k
+            return lambda: torch.topk(x, k, dim=-1, sorted=True)
         if self.p.kernel == "fp8_gemm":
             a, sa = s["a"], s["sa"]
             ws = s["w"]
@@ -216,6 +231,10 @@ class KernelBench:
 
     def _launch(self, cfg: KernelConfig, j: int):
         s, p = self._s, self.p
+        if p.kernel == "topk":
+            from fp8conv.kernels.topk import topk
+
+            return topk(s["x"], p.k, config=cfg)
         if p.kernel == "fp8_gemm":
             from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
 
@@ -230,10 +249,23 @@ class KernelBench:
                                       config=cfg, out=out)
 
     def _outputs(self, cfg: KernelConfig) -> tuple:
+        if self.p.kernel == "topk":  # topk() takes no output buffers: each launch returns fresh ones,
+            return ()  # so nothing of an earlier candidate's answer can be inherited (nothing to poison)
         if self.p.kernel == "fp8_gemm":
             return (self._s["out"],)
         out = self._aligned(cfg.BLOCK_M)[4]
         return out if isinstance(out, tuple) else (out,)
+
+    # topk -------------------------------------------------------------------------------------------
+    def _setup_topk(self, p: Problem) -> None:
+        """Beam-search-like scores (float32, R x C): per row, beams of log-softmax over a codebook of ~8192
+        (one beam for short rows) plus each beam's running score, as beam.py builds them."""
+        dev, r, c = self.device, max(1, p.m), p.n
+        beams = c // 8192 if c >= 16384 and c % (c // 8192) == 0 else 1
+        logp = torch.randn(r, beams, c // beams, device=dev).mul_(3.0).log_softmax(-1)
+        x = (logp - torch.rand(r, beams, 1, device=dev) * 5).view(r, c).contiguous()
+        s = self._s
+        s.update(x=x, copies=1, ref_v=torch.topk(x, p.k, dim=-1, sorted=True).values)
 
     # fp8_grouped_gemm ---------------------------------------------------------------------------------
     def _setup_grouped(self, p: Problem) -> None:
@@ -328,6 +360,25 @@ class KernelBench:
             got = (sid, bexp, a.contiguous(), sa.contiguous(), out)
             s["align"][bm] = got
         return got
+
+
+def _topk_error(x: torch.Tensor, out, ref_v: torch.Tensor) -> float:
+    """0.0 if ``out`` = (values, indices) is an exact top-k of ``x``: values equal to torch.topk's (sorted
+    descending; == takes -0.0 and +0.0 as equal, whose order torch leaves open), indices in range, distinct
+    within a row, and gathering exactly those values from ``x``; else inf (a top-k is right or wrong: a
+    relative-error gate would let one wrong element in 16K pass)."""
+    v, i = out
+    r, k = ref_v.shape
+    if tuple(v.shape) != (r, k) or tuple(i.shape) != (r, k) or not torch.equal(v, ref_v):
+        return math.inf
+    if i.dtype not in (torch.int64, torch.int32) or not bool(((i >= 0) & (i < x.shape[1])).all()):
+        return math.inf  # checked before the gather: an index out of range would fault on the GPU
+    i = i.long()
+    if k > 1 and not bool((i.sort(dim=1).values.diff(dim=1) != 0).all()):
+        return math.inf  # one element counted twice
+    if not torch.equal(x.gather(1, i), v):
+        return math.inf
+    return 0.0
 
 
 def _block_quant(w: torch.Tensor):

@@ -30,12 +30,14 @@ from fp8conv.tuning import cache
 from fp8conv.tuning.shapes import Problem
 
 TOL = 1e-3  # the kernels' correctness gate (issue 4): mean |out - ref| / mean |ref|
+METRIC = "mean|out-ref|/mean|ref|"  # what ``error`` measures, unless the bench names its own ``metric``
 
 
 class Bench(Protocol):
     """What the search needs from a device for one problem at a time."""
 
     baseline_name: str | None
+    # optional: ``metric`` (str or None), what ``error`` measures for the problem set up (default METRIC)
 
     def setup(self, problem: Problem) -> None: ...
     def run(self, config: KernelConfig): ...  # launch once, return the output (poisoned beforehand)
@@ -70,6 +72,7 @@ class Result:
     baseline_us: float | None = None
     stopped: str = "exhausted"  # "exhausted", "early" (patience), "deadline"
     seconds: float = 0.0
+    metric: str = METRIC
 
     @property
     def best(self) -> Trial | None:
@@ -93,7 +96,7 @@ class Result:
             config=b.config, m=self.problem.m, triton=triton, torch=torch,
             date=time.strftime("%Y-%m-%d", time.gmtime()), time_us=b.time_us,
             default_time_us=self.default_us, baseline=self.baseline_name, baseline_time_us=self.baseline_us,
-            checked={"metric": "mean|out-ref|/mean|ref|", "value": b.error, "tolerance": tol, "passed": True},
+            checked={"metric": self.metric, "value": b.error, "tolerance": tol, "passed": True},
             extra={"rows": self.problem.rows, "experts": self.problem.experts, "swiglu": self.problem.swiglu,
                    "candidates": len(self.trials),
                    "rejected": sum(t.status != "ok" for t in self.trials), "stopped": self.stopped,
@@ -109,6 +112,7 @@ def search(problem: Problem, configs: list[KernelConfig], bench: Bench, timer: T
     res = Result(problem)
     bench.setup(problem)
     res.baseline_name = bench.baseline_name
+    res.metric = getattr(bench, "metric", None) or METRIC
     try:
         base = bench.baseline()
         if base is not None:

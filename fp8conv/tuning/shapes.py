@@ -12,7 +12,8 @@ The shapes follow what the runtime (fp8conv.runtime.model, beam.py) and the Trit
 - ``block`` routed experts -> "fp8_grouped_gemm": gate/up packed as [E, 2 x Ip, d] (Ip = width rounded up
   to 128) and down [E, d, I]; the config is looked up by M = max(1, tokens x top_k // E), rows per
   expert on average, as the backend does.
-- top-k over (batch, N_t / batch x K) candidates per step: listed, not tuned (kernels/topk.py runs its documented default).
+- top-k over (batch, N_t / batch x K) candidates per step -> "topk" (kernels/topk.py), keyed by N = the
+  row length, K = k kept and M = the rows (batch), as the backend looks it up.
 - ``keep`` tensors run in the source precision and need no FP8 kernel.
 
 Which scheme each Linear has comes from the checkpoint's safetensors headers (an FP8 weight with a
@@ -32,7 +33,7 @@ from fp8conv.errors import UserError
 from fp8conv.tuning.cache import bucket
 
 BLOCK = 128
-TUNABLE = ("fp8_gemm", "fp8_grouped_gemm")
+TUNABLE = ("fp8_gemm", "fp8_grouped_gemm", "topk")
 
 # the built-in OneRec-V2 recipe's schemes (DESIGN, "FP8 numerics"), for checkpoints without FP8 weights
 _DEFAULT_RULES = (
@@ -60,6 +61,14 @@ class Problem:
     @property
     def tunable(self) -> bool:
         return self.kernel in TUNABLE
+
+    @property
+    def work_s(self) -> float:
+        """A rough lower bound of one launch's time on an H100 (seconds), to order the tuning: FP8
+        tensor-core FLOPs for the GEMMs, the bytes of the float32 scores read once for top-k."""
+        if self.kernel == "topk":
+            return (self.rows or self.m) * self.n * 4 / 3.35e12
+        return 2.0 * (self.rows or self.m) * self.n * self.k / 1.979e15
 
     @property
     def bucket(self) -> int:
@@ -239,7 +248,8 @@ def _generic(name: str) -> str:
 
 def tuning_targets(problems: list[Problem]) -> list[Problem]:
     """The problems to tune: one per cache entry (kernel, N, K, bucket), the largest M of each bucket
-    (its uses merged), most work first so an interrupted or budget-cut run has done the heaviest."""
+    (its uses merged), most work first (``Problem.work_s``) so an interrupted or budget-cut run has done
+    the heaviest."""
     best: dict[tuple, Problem] = {}
     for p in problems:
         if not p.tunable:
@@ -250,4 +260,4 @@ def tuning_targets(problems: list[Problem]) -> list[Problem]:
         else:
             best[p.key] = replace(old, uses=old.uses + p.uses)
     uses_dedup = [replace(p, uses=tuple(dict.fromkeys(p.uses))) for p in best.values()]
-    return sorted(uses_dedup, key=lambda p: -(p.rows or p.m) * p.n * p.k)
+    return sorted(uses_dedup, key=lambda p: -p.work_s)

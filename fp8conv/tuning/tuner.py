@@ -68,7 +68,7 @@ def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, 
     problems = shapes.derive(src.cfg, load, src.schemes)
     targets = shapes.tuning_targets(problems)
     if not targets:
-        raise UserError(f"{src.label}: no FP8 GEMM to tune (no channel Linear, no block experts)")
+        raise UserError(f"{src.label}: no kernel to tune (no channel Linear, no block experts, no top-k)")
     device = device or torch.cuda.get_device_name()
     bench = bench or gpu.KernelBench("cuda")
     timer = timer or gpu.cuda_timer
@@ -124,14 +124,16 @@ def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, 
 def print_tune(report: dict) -> None:
     from fp8conv import ui
 
-    ui.log("kernel            N     K       M  bucket |   tuned us  default us  baseline us | x default  x base | config")
+    # top-k: N = row length C, K = k kept, M = rows
+    ui.log("kernel                 N     K       M  bucket |   tuned us  default us  baseline us | "
+           "x default  x base | config")
     for s in report["shapes"]:
         p, e = s["problem"], s["entry"]
         if e is None:
-            ui.log(f"{p['kernel']:<16} {p['N']:>5} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | {s['status']}")
+            ui.log(f"{p['kernel']:<16} {p['N']:>7} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | {s['status']}")
             continue
-        cfg = _config_label(e["config"])
-        ui.log(f"{p['kernel']:<16} {p['N']:>5} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | "
+        cfg = _config_label(e["config"], p["kernel"])
+        ui.log(f"{p['kernel']:<16} {p['N']:>7} {p['K']:>5} {p['M']:>7} {p['bucket']:>7} | "
                f"{e['time_us']:>10.1f} {_f(e['default_time_us']):>11} {_f(e['baseline_time_us']):>12} | "
                f"{_f(e['speedup_vs_default'], 2):>9} {_f(e['speedup_vs_baseline'], 2):>7} | {cfg}"
                f"{'' if s['status'] == 'tuned' else ' (' + s['status'] + ')'}")
@@ -141,12 +143,17 @@ def print_tune(report: dict) -> None:
            f"{_f(report['geomean_speedup_vs_default'], 3)}x the default configs, "
            f"{_f(report['geomean_speedup_vs_baseline'], 3)}x the library baselines; wrote {report['cache_dir']}")
     for p in report["not_tuned"]:
-        ui.log(f"not tuned: {p['kernel']} {p['M']} x {p['N']} -> {p['K']} (kernels/topk.py runs its default config; top-k tuning is not written yet)")
+        ui.log(f"not tuned: {p['kernel']} N={p['N']} K={p['K']} M={p['M']} (no tunable kernel: its documented "
+               f"default runs)")
 
 
-def _config_label(c: dict) -> str:
-    """A KernelConfig dict as one token: 128x256x128 g8 w8 s3."""
-    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} w{c['num_warps']} s{c['num_stages']}"
+def _config_label(c: dict, kernel: str = "") -> str:
+    """A KernelConfig dict as one token: 128x256x128 g8 w8 s3; top-k, the fields its kernels read:
+    chunk 131072 step 2048 w8 (the chunk only matters on rows longer than kernels/topk.py's SMALL_C)."""
+    if kernel == "topk":
+        return f"chunk {c['BLOCK_N']} step {c['BLOCK_K']} w{c['num_warps']}"
+    split = f" split{c['SPLIT_K']}" if c.get("SPLIT_K", 1) > 1 else ""
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} w{c['num_warps']} s{c['num_stages']}{split}"
 
 
 def _f(x, nd: int = 1) -> str:
@@ -208,7 +215,7 @@ def print_show(rep: dict) -> None:
     for f in rep["files"]:
         ui.log(f"{f['path']}: {f['device']} {f['kernel']} N={f['N']} K={f['K']}")
         for b, e in f["entries"].items():
-            ui.log(f"  bucket {b:>6} (M={e['m']}): {_config_label(e['config'])}  {e['time_us']:.1f} us, "
+            ui.log(f"  bucket {b:>6} (M={e['m']}): {_config_label(e['config'], f['kernel'])}  {e['time_us']:.1f} us, "
                    f"{_f(e.get('speedup_vs_default'), 2)}x default, {_f(e.get('speedup_vs_baseline'), 2)}x "
                    f"{e.get('baseline') or 'baseline'}; Triton {e['triton']}, torch {e['torch']}, {e['date']}")
     for b in rep["bad_files"]:
