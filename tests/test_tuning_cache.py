@@ -208,14 +208,10 @@ def test_get_config_warns_once_per_fallback_and_feeds_resolve_config(tmp_path, m
     assert lookup.get_choice("fp8_gemm", 1408, 1408, 16).level == "nearest"
 
 
-# The shipped configs were tuned (2026-11-24) with shapes.derive's old token counts, N_t x (t + 1) per
-# step, from before beam search decoded incrementally; the runtime launches N_t (32 and 16384 tokens at
-# batch 32 / beam 512), so bucket 16384 (and 1024 rows/expert) is served by the nearest bucket until a
-# GPU run of `fp8conv tune` re-ships them. strict: this fails loudly once they cover the shapes exactly.
-def _shipped_choices(device, topk=False):
+def _shipped_choices(device):
     """(shape label, look-up choice) for every kernel shape the 4b preset and the bundled example launch at
-    batch 32 / beam 512, from the shipped folder, for ``device`` and the shipped Triton version: the GEMMs,
-    or (``topk``) the top-k shapes, whose configs no GPU run has shipped yet."""
+    batch 32 / beam 512 (GEMMs, grouped GEMMs and top-k), from the shipped folder, for ``device`` and the
+    shipped Triton version."""
     from fp8conv.config import load_config, preset
     from fp8conv.tuning import shapes
 
@@ -227,8 +223,7 @@ def _shipped_choices(device, topk=False):
     example = load_config(os.path.join(os.path.dirname(__file__), "..", "fp8conv", "data", "onerec_example"))
     for cfg in (preset("4b"), example):
         for p in shapes.tuning_targets(shapes.derive(cfg, shapes.Load(batch=32, beam=512))):
-            if (p.kernel == "topk") == topk:
-                yield p.label(), lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
+            yield p.label(), lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
 
 
 @pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
@@ -250,12 +245,8 @@ def test_shipped_configs_are_valid_and_serve_every_shape_of_the_4b_preset_and_th
 
 
 @pytest.mark.parametrize("device", [H100, "NVIDIA H200"])
-def test_shipped_topk_configs_do_not_exist_yet(monkeypatch, device):
-    """`fp8conv tune` tunes top-k now, but no GPU run has shipped its configs: its shapes run the documented
-    default. This fails loudly once they are shipped: then drop ``topk`` from _shipped_choices and let the
-    coverage tests above hold them too."""
+def test_shipped_configs_include_the_top_k_shapes(monkeypatch, device):
     monkeypatch.undo()
-    got = list(_shipped_choices(device, topk=True))
+    got = [(label, ch) for label, ch in _shipped_choices(device) if label.startswith("topk ")]
     assert len(got) == 3 + 3  # 4b: 32 x 8192 -> 512, 32 x 4M -> 512, 32 x 4M -> 10; the example's three
-    for label, ch in got:
-        assert label.startswith("topk ") and ch.level == "default", label
+    assert all(ch.level == "exact" and ch.entry.checked["passed"] for _, ch in got)
