@@ -245,6 +245,20 @@ def sweep_quant(name, m, k, sets, nw):
                    3 * m * k + 4 * m, None, "", None, {"sweep": True})
 
 
+def _try_config(name, tag, m, n, k, sets, ref, smm, flops, nbytes, run, extra):
+    """Check ``run`` against ``ref``, time it and record it as a sweep row; None (and a line saying why)
+    if it cannot run (out of shared memory, unsupported feature, ...). Returns (err, us): a failed check
+    is still timed (err NaN), to show what a promotion mode saves, but never counts as a best."""
+    try:
+        err = checked(run(*sets[0]), ref, tag)
+        us = time_us(run, sets)
+    except Exception as exc:
+        print(f"  skip {tag}: {type(exc).__name__}: {str(exc)[:120]}")
+        return None
+    record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err, {"sweep": True, **extra})
+    return err, us
+
+
 def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes, modes=(0, 1, 2)):
     """FP8 promotion mode (fp8_gemm.PROMOTE_MODES) x tiles at a long K."""
     tiles = [(128, 128, 128, 8, 4), (128, 128, 128, 8, 3), (128, 128, 256, 8, 3), (128, 128, 128, 4, 4),
@@ -252,17 +266,10 @@ def sweep_promote(name, m, n, k, sets, ref, smm, flops, nbytes, modes=(0, 1, 2))
     for (bm, bn, bk, w, st), steps in itertools.product(tiles, modes):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
         for variant in ("tma",) if (bm, bn) != (128, 128) or w != 8 else ("tma", "tma_ws"):
-            tag = f"promote {steps} {variant} {bm}x{bn}x{bk} w{w}s{st}"
-            try:
-                run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(  # noqa: E731
-                    xq, xs, wq, ws, config=cfg, variant=variant, promote=steps)
-                err = checked(run(*sets[0]), ref, tag)
-                us = time_us(run, sets)
-            except Exception as exc:
-                print(f"  skip {tag}: {type(exc).__name__}: {str(exc)[:120]}")
-                continue
-            record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
-                   {"config": cfg.to_dict(), "sweep": True, "kernel_variant": variant, "promote": steps})
+            run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(  # noqa: E731
+                xq, xs, wq, ws, config=cfg, variant=variant, promote=steps)
+            _try_config(name, f"promote {steps} {variant} {bm}x{bn}x{bk} w{w}s{st}", m, n, k, sets, ref, smm,
+                        flops, nbytes, run, {"config": cfg.to_dict(), "kernel_variant": variant, "promote": steps})
 
 
 def sweep_splitk(name, m, n, k, sets, ref, smm, flops, nbytes):
@@ -270,16 +277,9 @@ def sweep_splitk(name, m, n, k, sets, ref, smm, flops, nbytes):
     tiles = [(64, 32, 256, 4, 5), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4)]
     for (bm, bn, bk, w, st), split in itertools.product(tiles, (1, 2, 4, 8)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st, SPLIT_K=split)
-        tag = f"splitk {split} {bm}x{bn}x{bk} w{w}s{st}"
-        try:
-            run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(xq, xs, wq, ws, config=cfg)  # noqa: E731
-            err = checked(run(*sets[0]), ref, tag)
-            us = time_us(run, sets)
-        except Exception as exc:
-            print(f"  skip {tag}: {type(exc).__name__}: {str(exc)[:120]}")
-            continue
-        record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
-               {"config": cfg.to_dict(), "sweep": True, "kernel_variant": "tma"})
+        run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(xq, xs, wq, ws, config=cfg)  # noqa: E731
+        _try_config(name, f"splitk {split} {bm}x{bn}x{bk} w{w}s{st}", m, n, k, sets, ref, smm, flops, nbytes, run,
+                    {"config": cfg.to_dict(), "kernel_variant": "tma"})
 
 
 def gemm_candidates(m):
@@ -302,16 +302,13 @@ def sweep_gemm(name, m, n, k, sets, ref, smm, flops, nbytes):
         for variant, promote in variants:
             tag = (f"sweep {variant}{'' if promote is None else ' promote=' + str(promote)} "
                    f"{cfg.BLOCK_M}x{cfg.BLOCK_N}x{cfg.BLOCK_K} w{cfg.num_warps}s{cfg.num_stages}")
-            try:
-                run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(  # noqa: E731
-                    xq, xs, wq, ws, config=cfg, variant=variant, promote=promote)
-                err = checked(run(*sets[0]), ref, tag)
-                us = time_us(run, sets)
-            except Exception as exc:  # out of shared memory, unsupported feature, ...
-                print(f"  skip {tag}: {type(exc).__name__}: {str(exc)[:120]}")
+            run = lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(  # noqa: E731
+                xq, xs, wq, ws, config=cfg, variant=variant, promote=promote)
+            got = _try_config(name, tag, m, n, k, sets, ref, smm, flops, nbytes, run,
+                              {"config": cfg.to_dict(), "kernel_variant": variant, "promote": promote})
+            if got is None:
                 continue
-            record(name, tag, m, n, k, us, flops, nbytes, smm, "_scaled_mm", err,
-                   {"config": cfg.to_dict(), "sweep": True, "kernel_variant": variant, "promote": promote})
+            err, us = got
             if err == err and (best is None or us < best[0]):
                 best = (us, tag)
     if best:
