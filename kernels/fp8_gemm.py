@@ -124,8 +124,9 @@ def _fp8_gemm_nt_tma_kernel(
 ):
     # A work item is (output tile, K split); the splits of a tile are consecutive items, so they run at
     # the same time on different SMs. A program walks its items (every NUM_SMS-th) in CHUNKS chained
-    # pieces of K each (PROMOTE 2), as one flattened loop: the operand pipeline runs on across pieces
-    # and tiles, and a piece's end only costs what a tile's end costs.
+    # pieces of K each (PROMOTE 2), as one flattened loop, so the operand pipeline runs on across pieces
+    # and tiles; a piece's end still waits for the tensor cores (~2 us per piece per SM measured at
+    # 16384x1408x3840 on an H100: 167 us in two pieces against 145 us in one chain).
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -170,8 +171,10 @@ def _fp8_gemm_nt_tma_kernel(
 #   cores (172 us against 146 us for one chain at 16384x1408x3840 on an H100, 0.86x `_scaled_mm`).
 # - PROMOTE 2 runs K as CHUNKS chains of at most PROMOTE_MIN_K (at least two), each chain a piece of
 #   the flattened persistent loop, summed in FP32 at the end of each piece (7.3e-4 at K = 3840 with
-#   two chains): a promotion per piece, not per step. (Its first form, two K loops one after the
-#   other, cost 177 us, and with warp specialisation showed one NaN row once on an H200.)
+#   two chains): a promotion per piece, not per step; 167 us against 186 us for the best mode-1 config
+#   in the same H100 run, the default (config.PROMOTE_DEFAULT). The pointer kernel runs the pieces as
+#   nested loops. (Its first form, two K loops one after the other, cost 177 us, and with warp
+#   specialisation showed one NaN row once on an H200.)
 # Measured and dropped (H100, 2026-11-24): a chain added every P steps under an `if` in the K loop
 # (stops Triton's software pipelining: 0.55-0.77x), two interleaved chains (even/odd steps: 0.82x),
 # the compiler's own promotion (`tl.dot(..., max_num_imprecise_acc=BLOCK_K)`: the same time as
