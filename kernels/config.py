@@ -17,11 +17,15 @@ class KernelConfig:
     # fp8_gemm only: K split over this many programs per output tile (serial fix-up, kernels/fp8_gemm.py);
     # a cache entry written before this field existed reads as 1
     SPLIT_K: int = 1
+    # fp8_gemm's TMA kernel only: 1 = Triton's warp specialisation of the persistent loop (producer and
+    # consumer warps); an entry written before this field existed reads as 0
+    WARP_SPEC: int = 0
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"KernelConfig.{k} must be a positive integer, got {v!r}")
+            if not isinstance(v, int) or v < (0 if k == "WARP_SPEC" else 1) or (k == "WARP_SPEC" and v > 1):
+                raise ValueError(f"KernelConfig.{k} must be {'0 or 1' if k == 'WARP_SPEC' else 'a positive integer'}, "
+                                 f"got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,9 +84,11 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
             return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
         # H100 sweep at M = 16384 (docs/benchmarks.md): 128x256x128, 8 warps, 3 stages is best or within
         # 1% of best on every preset shape; with promotion (K >= PROMOTE_MIN_K) the second accumulator
-        # makes 128x256 spill, and 128x128x128 w8 s4 is best (mode 2: 167 us at 16384x1408x3840, H100).
+        # makes 128x256 spill, and 128x128x128 w8 s4 warp-specialised is best (mode 2: 157 us at
+        # 16384x1408x3840 on an H100, 169 us without warp specialisation, 151 us `_scaled_mm`).
         if k >= PROMOTE_MIN_K:
-            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4)
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4,
+                                WARP_SPEC=1)
         if n <= 128:
             return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
         return KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)

@@ -139,14 +139,22 @@ def _fp8_gemm_nt_tma_kernel(
         item = pid + (it // CHUNKS) * NUM_SMS
         c = it % CHUNKS
         tile = item // SPLIT_K
-        s_lo = (item % SPLIT_K) * k_split
-        k_lo = s_lo + c * k_chunk
-        k_hi = tl.minimum(tl.minimum(k_lo + k_chunk, s_lo + k_split), k_tiles)
+        if SPLIT_K == 1:
+            # the same trip count for every piece, so Triton can flatten the loop nest (a trip count that
+            # varies per piece kept it from doing so: a pipeline refill per piece); the last piece may run
+            # past K, where the TMA loads read zeros
+            k_lo = c * k_chunk
+            n_k = k_chunk
+        else:
+            s_lo = (item % SPLIT_K) * k_split
+            k_lo = s_lo + c * k_chunk
+            n_k = tl.minimum(tl.minimum(k_lo + k_chunk, s_lo + k_split), k_tiles) - k_lo
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ki in range(k_lo, k_hi):
+        for kk in range(0, n_k):
+            ki = k_lo + kk
             a = a_desc.load([off_m, ki * BLOCK_K])
             b = b_desc.load([off_n, ki * BLOCK_K])
             if PROMOTE == 1:
@@ -281,7 +289,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     promote: FP32 promotion of the tensor cores' chained sums: False/0 none, True/1 every BLOCK_K step,
     2 chains of at most PROMOTE_MIN_K (at least two); None: PROMOTE_DEFAULT when one program's chain
     (K / SPLIT_K) is >= PROMOTE_MIN_K (see the comment at PROMOTE_MODES).
-    variant "tma_ws": TMA + warp specialization.
+    variant "tma_ws": TMA + warp specialization (as config.WARP_SPEC = 1 does).
     config.SPLIT_K > 1 (TMA variants only; the pointer kernel ignores it): each output tile's K steps
     are split over that many programs, which write FP32 partial tiles to a workspace; the last to finish
     sums them in split order and writes the tile (deterministic). For small M, where the output tiles
@@ -300,7 +308,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     b_scale = b_scale.reshape(-1).contiguous()
     use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n, k, out_dtype)
                                                and a.is_contiguous() and b.is_contiguous())
-    warp_spec = variant == "tma_ws"
+    warp_spec = variant == "tma_ws" or (use_tma and cfg.WARP_SPEC == 1)
     k_tiles = triton.cdiv(k, cfg.BLOCK_K)
     tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
     split = max(1, min(cfg.SPLIT_K, k_tiles)) if use_tma else 1
@@ -320,7 +328,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         _fp8_gemm_nt_tma_kernel[grid](
             a_d, b_d, c_d, a_scale, b_scale, ws, cnt, m, n, k,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-            NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec, SPLIT_K=split, CHUNKS=chunks,
+            NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec and split == 1, SPLIT_K=split,
+            CHUNKS=chunks,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out

@@ -82,6 +82,24 @@ def test_gemm_chained_pieces_long_k(variant):
         check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"{variant} K=4160 split {split}")
 
 
+def test_gemm_warp_spec_config_field():
+    """KernelConfig.WARP_SPEC = 1 takes the warp-specialised TMA kernel (the interpreter runs the same loop);
+    the field is 0 or 1 and old cache entries without it read as 0."""
+    a, sa, b, sb = _operands(19, 40, 224, seed=13)
+    cfg = KernelConfig(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=2, WARP_SPEC=1)
+    if a.is_cuda:
+        cfg = KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=2, num_warps=4, num_stages=3, WARP_SPEC=1)
+    for promote in (0, 2):
+        out = poison(torch.empty(19, 40, dtype=torch.float32, device=a.device))
+        fp8_gemm_nt(a, sa, b, sb, torch.float32, config=cfg, out=out, promote=promote)
+        check(out.cpu(), ref_gemm_nt(a, sa, b, sb, torch.float32).cpu(), what=f"warp-specialised promote {promote}")
+    with pytest.raises(ValueError, match="WARP_SPEC"):
+        KernelConfig(WARP_SPEC=2)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("WARP_SPEC", "SPLIT_K")}
+    assert KernelConfig.from_dict(old).WARP_SPEC == 0 and KernelConfig.from_dict(old).SPLIT_K == 1
+    assert default_config("fp8_gemm", 16384, 1408, 3840).WARP_SPEC == 1
+
+
 @pytest.mark.parametrize("m,n,k,split,promote", [(1, 40, 224, 3, None), (7, 56, 96, 2, 1), (83, 48, 240, 8, 2),
                                                  (19, 40, 64, 4, 1), (33, 64, 32, 4, 0)])
 def test_gemm_split_k(m, n, k, split, promote):

@@ -129,10 +129,11 @@ def candidates(p: Problem, lim: Limits, keep: int = 24, slack: float = 2.0) -> l
     pool = []
     for bm, bn, bk, gm, w, s in _space(p):
         for split in _splits(p, bm, bn, bk, lim):
-            c = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s,
-                             SPLIT_K=split)
-            if c != default and fits(p, c, lim) is None and _relevant(p, c):
-                pool.append(c)
+            for ws in (0, 1) if (split == 1 and p.kernel == "fp8_gemm" and p.k >= PROMOTE_MIN_K) else (0,):
+                c = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s,
+                                 SPLIT_K=split, WARP_SPEC=ws)
+                if c != default and fits(p, c, lim) is None and _relevant(p, c):
+                    pool.append(c)
     est = {c: estimate_us(p, c, lim) for c in pool}
     pool.sort(key=lambda c: (est[c], -c.GROUP_M, c.num_stages))
     if pool:
@@ -168,7 +169,7 @@ def _diverse(ranked: list[KernelConfig], keep: int) -> list[KernelConfig]:
     by up to 1.5x at equal tiles), then the second best of each, ..."""
     by_tile: dict[tuple, list[KernelConfig]] = {}
     for c in ranked:
-        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.SPLIT_K), []).append(c)
+        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.SPLIT_K, c.WARP_SPEC), []).append(c)
     out: list[KernelConfig] = []
     for rank in itertools.count():
         row = [cs[rank] for cs in by_tile.values() if rank < len(cs)]

@@ -153,7 +153,8 @@ def _config_label(c: dict, kernel: str = "") -> str:
     if kernel == "topk":
         return f"chunk {c['BLOCK_N']} step {c['BLOCK_K']} w{c['num_warps']}"
     split = f" split{c['SPLIT_K']}" if c.get("SPLIT_K", 1) > 1 else ""
-    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} w{c['num_warps']} s{c['num_stages']}{split}"
+    ws = " ws" if c.get("WARP_SPEC", 0) else ""
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']} g{c['GROUP_M']} w{c['num_warps']} s{c['num_stages']}{split}{ws}"
 
 
 def _f(x, nd: int = 1) -> str:
