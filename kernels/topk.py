@@ -153,6 +153,18 @@ def _composite(x_row, offs, mask, C):
 
 
 @triton.jit
+def _range_hist(x_row, start, end, C, lo, hi, shift, BLOCK: tl.constexpr, NB: tl.constexpr):
+    """Histogram of the composites of x_row[start:end] that lie in [lo, hi]: NB bins of 2**shift from lo."""
+    acc = tl.zeros([NB], dtype=tl.int32)
+    for s in range(start, end, BLOCK):
+        o = s + tl.arange(0, BLOCK)
+        ck = _composite(x_row, o, o < end, C)
+        g = (o < end) & (ck >= lo) & (ck <= hi)
+        acc += tl.histogram(tl.where(g, (ck - lo) >> shift, 0).to(tl.int32), NB, mask=g)
+    return acc
+
+
+@triton.jit
 def _load_ck(x_row, cand_row, o, m, C, FROM_X: tl.constexpr):
     """Composites of elements o of the row (FROM_X) or of the candidate buffer (-1 where ~m)."""
     if FROM_X:
@@ -343,12 +355,7 @@ def _stage2_kernel(x_ptr, stride_x, C, k, thr_ptr, cand_ptr, cnt_ptr, eqc_ptr, s
         shift = _shift_for(lo, hi, NB_LOG)
         if pid == 0:
             tl.store(rec_ptr, _record(lo, hi, above, eq, zero, zero, shift, case))
-        acc = tl.zeros([NB], dtype=tl.int32)
-        for s in range(start, end, BLOCK):
-            o = s + tl.arange(0, BLOCK)
-            ck = _composite(x_row, o, o < end, C)
-            g = (o < end) & (ck >= lo) & (ck <= hi)
-            acc += tl.histogram(tl.where(g, (ck - lo) >> shift, 0).to(tl.int32), NB, mask=g)
+        acc = _range_hist(x_row, start, end, C, lo, hi, shift, BLOCK, NB)
         tl.atomic_add(hist_ptr + row * NLH * NB + tl.arange(0, NB), acc, mask=acc > 0, sem="relaxed")
 
 
@@ -389,12 +396,7 @@ def _pass_kernel(x_ptr, stride_x, C, k, state_ptr, hist_ptr, cand_ptr, cnt_ptr, 
                 ck = _composite(x_row, o, o < end, C)
                 _append(cand_ptr + row * capk, cnt_ptr + row * 2 + 1, ck, (o < end) & (ck >= lo), capk)
         else:  # histogram of the new range
-            acc = tl.zeros([NB], dtype=tl.int32)
-            for s in range(start, end, BLOCK):
-                o = s + tl.arange(0, BLOCK)
-                ck = _composite(x_row, o, o < end, C)
-                g = (o < end) & (ck >= lo) & (ck <= hi)
-                acc += tl.histogram(tl.where(g, (ck - lo) >> shift, 0).to(tl.int32), NB, mask=g)
+            acc = _range_hist(x_row, start, end, C, lo, hi, shift, BLOCK, NB)
             tl.atomic_add(hist_ptr + (row * NLH + lvl) * NB + tl.arange(0, NB), acc, mask=acc > 0,
                           sem="relaxed")
 
