@@ -36,40 +36,15 @@ from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
 from fp8conv.kernels.testing import TOL, TOL_CHAINED, check, ref_gemm_nt
 from fp8conv.runtime.ops import rms_norm
 
+from bench_timing import rotating, time_us  # benchmarks/ is on sys.path when run as a script
+
 D, INTER, E, TOPK = 1408, 3840, 53, 3  # 4b preset (DESIGN)
 INTER_E = 1408  # routed expert width
 DENSE = [("q/o", 1408, 1408), ("k/v", 128, 1408), ("gate/up", 3840, 1408), ("down", 1408, 3840)]
 # the producer of each Linear's input in the model: RMSNorm before q/k/v and gate/up, SwiGLU before down
 # (o's producer is attention: it takes the standalone quantization, the "fp8 linear" rows)
 PRODUCER = {"q/o": "rmsnorm", "k/v": "rmsnorm", "gate/up": "rmsnorm", "down": "swiglu"}
-L2_BYTES = 50 * 2**20
 RESULTS: list[dict] = []
-
-
-# -- timing ----------------------------------------------------------------------------------------
-
-def rotating(make_set, set_bytes: int):
-    """Copies of the inputs so that one pass over all of them exceeds 2x L2 (at most 16)."""
-    n = max(1, min(16, math.ceil(2 * L2_BYTES / max(1, set_bytes))))
-    return [make_set() for _ in range(n)]
-
-
-def time_us(fn, sets) -> float:
-    it = [0]
-
-    def call():
-        s = sets[it[0] % len(sets)]
-        it[0] += 1
-        return fn(*s)
-
-    call()
-    torch.cuda.synchronize()
-    try:
-        ms = triton.testing.do_bench_cudagraph(call, rep=50, return_mode="median")
-    except Exception as exc:  # capture failed: fall back to event timing (L2 flushed by do_bench)
-        print(f"  (graph capture failed: {type(exc).__name__}: {exc}; timing with do_bench)")
-        ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
-    return ms * 1e3
 
 
 def record(case, variant, m, n, k, us, flops, nbytes, base_us=None, base_name="", err=None, extra=None):

@@ -33,33 +33,11 @@ import triton.testing
 from fp8conv.kernels import topk as topk_mod
 from fp8conv.kernels.config import default_config
 
+from bench_timing import rotating, time_us  # benchmarks/ is on sys.path when run as a script
+
 SHAPES = [(32, 8192, 512), (32, 4194304, 512), (32, 4194304, 10), (1, 4194304, 512)]
-L2_BYTES = 50 * 2**20
 CASES = {1: "ready", 2: "ties", 3: "low", 4: "high", 5: "nofilter"}
 RESULTS: list[dict] = []
-
-
-def rotating(make, set_bytes: int):
-    n = max(1, min(16, math.ceil(2 * L2_BYTES / max(1, set_bytes))))
-    return [make() for _ in range(n)]
-
-
-def time_us(fn, sets) -> float:
-    it = [0]
-
-    def call():
-        s = sets[it[0] % len(sets)]
-        it[0] += 1
-        return fn(s)
-
-    call()
-    torch.cuda.synchronize()
-    try:
-        ms = triton.testing.do_bench_cudagraph(call, rep=100, return_mode="median")
-    except Exception as exc:  # capture failed: say so, time eagerly
-        print(f"  (graph capture failed: {type(exc).__name__}: {exc}; timing with do_bench)")
-        ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
-    return ms * 1e3
 
 
 def make_scores(r, c, kind, g):
@@ -99,10 +77,10 @@ def bench(r, c, k, kind, g):
     if trace:
         for v in trace["case"][0].tolist():
             cases[CASES.get(int(v), str(v))] = cases.get(CASES.get(int(v), str(v)), 0) + 1
-    sets = rotating(lambda: make_scores(r, c, kind, g), r * c * 4)
-    sets[0] = x0
-    ours = time_us(lambda x: topk_mod.topk(x, k), sets)
-    ref = time_us(lambda x: torch.topk(x, k, dim=-1, sorted=True), sets)
+    sets = rotating(lambda: (make_scores(r, c, kind, g),), r * c * 4)
+    sets[0] = (x0,)
+    ours = time_us(lambda x: topk_mod.topk(x, k), sets, rep=100)
+    ref = time_us(lambda x: torch.topk(x, k, dim=-1, sorted=True), sets, rep=100)
     nbytes = r * c * 4
     row = {"R": r, "C": c, "k": k, "data": kind, "us": round(ours, 2), "torch_us": round(ref, 2),
            "gbs": round(nbytes / ours / 1e3, 1), "torch_gbs": round(nbytes / ref / 1e3, 1),
