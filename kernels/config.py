@@ -23,9 +23,9 @@ class KernelConfig:
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
-            if not isinstance(v, int) or v < (0 if k == "WARP_SPEC" else 1) or (k == "WARP_SPEC" and v > 1):
-                raise ValueError(f"KernelConfig.{k} must be {'0 or 1' if k == 'WARP_SPEC' else 'a positive integer'}, "
-                                 f"got {v!r}")
+            flag = k == "WARP_SPEC"
+            if not isinstance(v, int) or not (v in (0, 1) if flag else v >= 1):
+                raise ValueError(f"KernelConfig.{k} must be {'0 or 1' if flag else 'a positive integer'}, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
