@@ -353,18 +353,46 @@ def bench_moe(ms, sweep):
                        rows * D + E * 2 * INTER_E * D + 2 * rows * 2 * INTER_E, t13, "_grouped_mm")
             except Exception as exc:
                 print(f"  torch._scaled_grouped_mm failed: {type(exc).__name__}: {str(exc)[:200]}")
-        # ours: gate/up with fused SwiGLU + 1x128 quant
+        # ours, the serving path (fused_experts' sorted layout): x quantized into expert-sorted rows, the
+        # persistent TMA GEMMs (gate/up with fused SwiGLU + 1x128 quant; down writing sorted rows)
+        sid_s, bexp_s, pos, used = gg.moe_align(ids, E, align, with_pos=True)
+        n_pad = sid_s.numel()
+        xq_s, xs_s = act_quant.per_group_quant_sorted(x, pos, n_pad)
+        tq = time_us(lambda a: act_quant.per_group_quant_sorted(a, pos, n_pad), [(x,)])
+        record("experts", "fp8 quant into sorted rows", m, D, 0, tq, 0, 2 * m * D + n_pad * D, None, "")
+        if have_gmm:
+            tg = time_us(lambda a: a[order // TOPK], [(x,)])
+            record("experts", "bf16 gather into sorted rows", m, D, 0, tg, 0, 2 * m * D + 2 * rows * D, None, "")
+        gu_args = (xq_s, xs_s, packed.w13, packed.s13, sid_s, bexp_s, used)
+        hq_s, hs_s = gg.grouped_gemm_sorted(*gu_args, swiglu=True, num_valid=rows, align_m=align, config=c1)
+        k13 = time_us(lambda: gg.grouped_gemm_sorted(*gu_args, swiglu=True, num_valid=rows, align_m=align,
+                                                     config=c1), [()])
+        dn_args = (hq_s, hs_s, packed.w2, packed.s2, sid_s, bexp_s, used)
+        y_s = gg.grouped_gemm_sorted(*dn_args, swiglu=False, num_valid=rows, align_m=align, config=c2)
+        k2 = time_us(lambda: gg.grouped_gemm_sorted(*dn_args, swiglu=False, num_valid=rows, align_m=align,
+                                                    config=c2), [()])
+        # the gather layout (the fallback for unaligned shapes) on the same data: its outputs check the
+        # sorted kernels' at every M (the same rows, other accumulation order: the 1e-3 gate)
         hq, hs = gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK, swiglu=True,
                                            align_m=align, config=c1)
-        k13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
-                                                        swiglu=True, align_m=align, config=c1), [()])
+        y_g = gg.grouped_gemm_block_fp8(hq, hs, packed.w2, packed.s2, sid, bexp, topk=TOPK, swiglu=False,
+                                        align_m=align, num_valid=rows, config=c2)
+        fl_pos = pos.reshape(-1).long()
+        rows_of = lambda q, r: q.view(torch.uint8)[r].view(torch.float8_e4m3fn)  # noqa: E731 - FP8 by bytes
+        err13 = checked(fp8.dequantize(rows_of(hq_s, fl_pos), hs_s.t()[fl_pos].contiguous()),
+                        fp8.dequantize(rows_of(hq, fl_pos), hs[fl_pos].contiguous()), "sorted vs gather gate/up", TOL)
+        err2 = checked(y_s[fl_pos], y_g, "sorted vs gather down", TOL)
         record("experts", "fp8 gate/up+swiglu+q", rows, 2 * INTER_E, D, k13, f13,
-               rows * D + E * 2 * INTER_E * D + rows * INTER_E, t13, "_grouped_mm")
-        k2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed.w2, packed.s2, sid, bexp, topk=TOPK,
+               rows * D + E * 2 * INTER_E * D + rows * INTER_E, t13, "_grouped_mm", err13)
+        record("experts", "fp8 down", rows, D, INTER_E, k2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
+               t2, "_grouped_mm", err2)
+        g13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
+                                                        swiglu=True, align_m=align, config=c1), [()])
+        g2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed.w2, packed.s2, sid, bexp, topk=TOPK,
                                                        swiglu=False, align_m=align, num_valid=rows,
                                                        config=c2), [()])
-        record("experts", "fp8 down", rows, D, INTER_E, k2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
-               t2, "_grouped_mm")
+        record("experts", "fp8 g/u gather layout", rows, 2 * INTER_E, D, g13, f13, 0, t13, "_grouped_mm")
+        record("experts", "fp8 down gather layout", rows, D, INTER_E, g2, f2, 0, t2, "_grouped_mm")
         if t13:
             record("experts", "fp8 both GEMMs", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm",
                    None, {"goal": "grouped", "rows": rows})
@@ -394,37 +422,43 @@ def bench_moe(ms, sweep):
         if tb:
             record("experts", "bf16 layer (torch)", m, 0, 0, tb, f13 + f2, 0)
         record("experts", "fp8 layer (fused_experts)", m, 0, 0, tf, f13 + f2, 0, tb, "bf16 layer", err)
-        if "grouped" in sweep and m == max(ms):
-            sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2)
+        if "grouped" in sweep and m >= 4096:
+            def err_of(out, swiglu):  # against the default config's output, on the routed rows
+                if swiglu:
+                    return checked(fp8.dequantize(rows_of(out[0], fl_pos), out[1].t()[fl_pos].contiguous()),
+                                   fp8.dequantize(rows_of(hq_s, fl_pos), hs_s.t()[fl_pos].contiguous()),
+                                   "sweep gate/up", TOL)
+                return checked(out[fl_pos], y_s[fl_pos], "sweep down", TOL)
+
+            sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of)
 
 
-def sweep_grouped(m, xq, xs, hq, hs, packed, ids, t13, t2, f13, f2):
+def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
+    """Configs of the persistent sorted-layout kernels (align 128 covers every BLOCK_M here), each
+    checked against the default config's output before it is timed."""
     rows = m * TOPK
-    for (bm, w, s), split in itertools.product([(64, 8, 3), (64, 8, 4), (128, 8, 3), (64, 4, 3)], (True, False)):
-        sid, bexp = gg.moe_align(ids, E, 128)
-        c1 = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
+
+    def one(name, args, swiglu, cfg, base, flops):
+        run = lambda: gg.grouped_gemm_sorted(*args, swiglu=swiglu, num_valid=rows, align_m=128,  # noqa: E731
+                                             config=cfg)
         try:
-            us = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
-                                                           swiglu=True, align_m=128, config=c1,
-                                                           split_gate_up=split), [()])
-            record("experts", f"sweep g/u {bm}x256 w{w}s{s} split={split}", rows, 2 * INTER_E, D, us, f13, 0,
-                   t13, "_grouped_mm", None, {"config": c1.to_dict(), "sweep": True, "split": split})
+            err = err_of(run(), swiglu)
+            us = time_us(run, [()])
         except Exception as exc:
-            print(f"  skip g/u {c1.to_dict()}: {type(exc).__name__}")
-    for (bm, w, s), tma in itertools.product([(64, 4, 3), (64, 4, 4), (128, 8, 4)], (True,)):
-        sid, bexp = gg.moe_align(ids, E, 128)
-        for bn in (128,):
-            c2 = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=s)
-            hq2, hs2 = gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
-                                                 swiglu=True, align_m=128)
-            try:
-                us = time_us(lambda: gg.grouped_gemm_block_fp8(hq2, hs2, packed.w2, packed.s2, sid, bexp, topk=TOPK,
-                                                               swiglu=False, align_m=128, num_valid=rows,
-                                                               config=c2, use_tma=tma), [()])
-                record("experts", f"sweep down {bm}x{bn} w{w}s{s} tma={tma}", rows, D, INTER_E, us, f2, 0, t2,
-                       "_grouped_mm", None, {"config": c2.to_dict(), "sweep": True, "tma": tma})
-            except Exception as exc:
-                print(f"  skip down {c2.to_dict()}: {type(exc).__name__}")
+            print(f"  skip {name}: {type(exc).__name__}: {str(exc)[:120]}")
+            return
+        record("experts", f"sweep {name}", rows, 0, 0, us, flops, 0, base, "_grouped_mm", err,
+               {"config": cfg.to_dict(), "sweep": True})
+
+    for (bm, w, st), ws, gm in itertools.product([(64, 8, 3), (64, 8, 4), (64, 4, 3), (128, 8, 3), (128, 8, 2)],
+                                                 (0, 1), (8, 16)):
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=gm, num_warps=w, num_stages=st, WARP_SPEC=ws)
+        one(f"g/u {bm}x256 w{w}s{st} g{gm} ws{ws}", gu_args, True, cfg, t13, f13)
+    for (bm, bn, w, st), ws in itertools.product([(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3),
+                                                 (128, 128, 8, 4), (64, 256, 8, 3), (128, 256, 8, 3),
+                                                 (64, 128, 8, 4)], (0, 1)):
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=st, WARP_SPEC=ws)
+        one(f"down {bm}x{bn} w{w}s{st} ws{ws}", dn_args, False, cfg, t2, f2)
 
 
 # -- summary -------------------------------------------------------------------------------------------

@@ -143,10 +143,13 @@ def _norm_tile(x, w_ptr, cols, inv, K):
 def _act_quant_kernel(
     # inputs: x (or gate for SwiGLU) and up, row-major with a row stride; RMSNorm weight
     x_ptr, u_ptr, w_ptr, stride_x, stride_u, eps,
-    # outputs: q (M, K) fp8 contiguous; scale (M, NS) float32 contiguous (NS = 1 or groups)
-    q_ptr, s_ptr, M, K, NS,
+    # outputs: q (rows, K) fp8 contiguous; scale: element (row, group) at row * stride_sr + group *
+    # stride_sc (NS = 1 or groups); COPIES > 0: input row r is written to output rows
+    # dest[r * COPIES + j], j < COPIES (the MoE's expert-sorted layout), else to row r
+    q_ptr, s_ptr, dest_ptr, M, K, NS, stride_sr, stride_sc,
     PRODUCER: tl.constexpr, PER_GROUP: tl.constexpr, ROWS: tl.constexpr, NH: tl.constexpr,
     NT: tl.constexpr, GS: tl.constexpr, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr,
+    COPIES: tl.constexpr, NSTORE: tl.constexpr,
 ):
     # ROWS rows per program. A row's ceil(K / GS) groups of GS columns are held as a head tile of NH
     # groups (the largest power of two that fits) and a tail tile of NT groups (the rest, padded to a
@@ -178,27 +181,40 @@ def _act_quant_kernel(
             yt = xt.to(tl.float32)
     if PER_GROUP:
         sh = fp8_scale(tl.max(tl.abs(yh), axis=2))  # (ROWS, NH)
-        gh = tl.arange(0, NH)
-        tl.store(s_ptr + rows[:, None] * NS + gh[None, :], sh, mask=rmask[:, None] & (gh < NS)[None, :])
         qh = quantize_values(yh, sh[:, :, None], FAST_DIV, SW_ROUND)
         if NT > 0:
             st = fp8_scale(tl.max(tl.abs(yt), axis=2))
-            gt = NH + tl.arange(0, NT)
-            tl.store(s_ptr + rows[:, None] * NS + gt[None, :], st, mask=rmask[:, None] & (gt < NS)[None, :])
             qt = quantize_values(yt, st[:, :, None], FAST_DIV, SW_ROUND)
     else:
         amax = tl.max(tl.max(tl.abs(yh), axis=2), axis=1)  # (ROWS,)
         if NT > 0:
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(yt), axis=2), axis=1))
         scale = fp8_scale(amax)
-        tl.store(s_ptr + rows, scale, mask=rmask)
         qh = quantize_values(yh, scale[:, None, None], FAST_DIV, SW_ROUND)
         if NT > 0:
             qt = quantize_values(yt, scale[:, None, None], FAST_DIV, SW_ROUND)
     q_dt = q_ptr.dtype.element_ty
-    tl.store(q_ptr + rows[:, None, None] * K + cols_h[None, :, :], qh.to(q_dt), mask=mask_h)
+    qh = qh.to(q_dt)
     if NT > 0:
-        tl.store(q_ptr + rows[:, None, None] * K + cols_t[None, :, :], qt.to(q_dt), mask=mask_t)
+        qt = qt.to(q_dt)
+    for j in tl.static_range(NSTORE):  # max(COPIES, 1)
+        if COPIES > 0:
+            drow = tl.load(dest_ptr + rows * COPIES + j, mask=rmask, other=0).to(tl.int64)
+        else:
+            drow = rows
+        if PER_GROUP:
+            gh = tl.arange(0, NH)
+            tl.store(s_ptr + drow[:, None] * stride_sr + gh[None, :] * stride_sc, sh,
+                     mask=rmask[:, None] & (gh < NS)[None, :])
+        else:
+            tl.store(s_ptr + drow * stride_sr, scale, mask=rmask)
+        tl.store(q_ptr + drow[:, None, None] * K + cols_h[None, :, :], qh, mask=mask_h)
+        if NT > 0:
+            if PER_GROUP:
+                gt = NH + tl.arange(0, NT)
+                tl.store(s_ptr + drow[:, None] * stride_sr + gt[None, :] * stride_sc, st,
+                         mask=rmask[:, None] & (gt < NS)[None, :])
+            tl.store(q_ptr + drow[:, None, None] * K + cols_t[None, :, :], qt, mask=mask_t)
 
 
 def _check_rows(x: torch.Tensor, name: str) -> None:
@@ -226,19 +242,27 @@ def _launch(x, u, w, eps, producer: int, per_group: bool, config: KernelConfig |
             raise ValueError(f"out must be contiguous (q ({m}, {k}) float8_e4m3fn, scale ({m}, {ns}) float32)")
     if m == 0:
         return q, s
+    _run(x, u, w, eps, q, s, s.stride(0), s.stride(1), None, 0, producer, per_group, config, fast_div,
+         soft_round)
+    return q, s
+
+
+def _run(x, u, w, eps, q, s, stride_sr, stride_sc, dest, copies, producer, per_group, config, fast_div=None,
+         soft_round=None):
+    m, k = x.shape
     nh, nt = group_tiles(k)
+    ns = triton.cdiv(k, GROUP) if per_group else 1
     cfg = config or default_config("act_quant", m, 0, k)
     rows = cfg.BLOCK_M  # rows per program
     _act_quant_kernel[(triton.cdiv(m, rows),)](
         x, u if u is not None else x, w if w is not None else x,
         x.stride(0), u.stride(0) if u is not None else 0, float(eps),
-        q, s, m, k, ns,
+        q, s, dest if dest is not None else s, m, k, ns, stride_sr, stride_sc,
         PRODUCER=producer, PER_GROUP=per_group, ROWS=rows, NH=nh, NT=nt, GS=GROUP,
         FAST_DIV=fast_div_ok(x.dtype) if fast_div is None else fast_div,
-        SW_ROUND=sw_round() if soft_round is None else soft_round,
+        SW_ROUND=sw_round() if soft_round is None else soft_round, COPIES=copies, NSTORE=max(copies, 1),
         num_warps=cfg.num_warps,
     )
-    return q, s
 
 
 def per_token_quant(x: torch.Tensor, config: KernelConfig | None = None, out=None):
@@ -275,3 +299,30 @@ def swiglu_quant(gate: torch.Tensor, up: torch.Tensor, per_group: bool = False,
         raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs "
                          f"{tuple(up.shape)} {up.dtype}")
     return _launch(gate, up, None, 0.0, _SWIGLU, per_group, config, out)
+
+
+def per_group_quant_sorted(x: torch.Tensor, dest: torch.Tensor, n_rows: int, config: KernelConfig | None = None,
+                           out=None):
+    """1x128-group quantization of x (T, K), each row written to ``copies`` rows of an expert-sorted
+    buffer: row t goes to rows dest[t, j] (dest (T, copies) int32, distinct rows < n_rows; moe_align's
+    ``pos``). Returns (q (n_rows, K) fp8, scale_t (ceil(K/128), n_rows) float32, the scales K-major so a
+    GEMM's K step reads one contiguous run); rows no dest names are not written. The values are
+    per_group_quant's, bit for bit: quantized once, stored ``copies`` times."""
+    _check_rows(x, "x")
+    t, k = x.shape
+    if dest.dim() != 2 or dest.shape[0] != t or dest.dtype != torch.int32 or not dest.is_contiguous():
+        raise ValueError(f"Expected dest to be a contiguous ({t}, copies) int32 tensor, got "
+                         f"{tuple(dest.shape)} {dest.dtype}")
+    ns = triton.cdiv(k, GROUP)
+    if out is None:
+        q = torch.empty(n_rows, k, dtype=torch.float8_e4m3fn, device=x.device)
+        s = torch.empty(ns, n_rows, dtype=torch.float32, device=x.device)
+    else:
+        q, s = out
+        if (q.shape, q.dtype, s.shape, s.dtype) != ((n_rows, k), torch.float8_e4m3fn, (ns, n_rows),
+                                                    torch.float32) or not (q.is_contiguous() and s.is_contiguous()):
+            raise ValueError(f"out must be contiguous (q ({n_rows}, {k}) float8_e4m3fn, scale ({ns}, {n_rows}) "
+                             f"float32)")
+    if t and dest.shape[1]:
+        _run(x, None, None, 0.0, q, s, 1, n_rows, dest, dest.shape[1], _NONE, True, config)
+    return q, s

@@ -27,18 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.act_quant import fp8_scale, per_group_quant, quantize_values, round_to, sw_round
+from fp8conv.kernels.act_quant import (fp8_scale, per_group_quant, per_group_quant_sorted, quantize_values,
+                                       round_to, sw_round)
 from fp8conv.kernels.config import KernelConfig, default_config
+# the persistent-loop helpers are fp8_gemm's (tile swizzle, SM count, tensor-descriptor import)
+from fp8conv.kernels.fp8_gemm import _num_sms, _tensor_descriptor, _tile_coords
 
 KERNEL_NAME = "fp8_grouped_gemm"
-
-
-def _tensor_descriptor():
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-    except ImportError:  # Triton < 3.4
-        return None
-    return TensorDescriptor
 BLOCK = 128
 _ACT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
@@ -102,13 +97,15 @@ def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_
 
 # -- align / permute -----------------------------------------------------------------------------------
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, align_m: int):
+def moe_align(topk_ids: torch.Tensor, num_experts: int, align_m: int, with_pos: bool = False):
     """Group the T*k routed rows by expert, each expert's segment padded to a multiple of align_m.
 
     Returns (sorted_ids int32 [P], block_expert int32 [P // align_m]) with P = T*k + E*(align_m-1)
     rounded up to align_m (the worst case, so nothing waits on the GPU): sorted_ids[p] is the flat
     (token*k + slot) index of padded row p, or T*k for padding; block_expert[b] is the expert of rows
     [b*align_m, (b+1)*align_m), or -1 past the last used block.
+    with_pos: also (pos int32 (T, k): the padded row of each (token, slot), the inverse of sorted_ids;
+    used_blocks int32 (1,): how many blocks of align_m rows are used), still without a host sync.
     """
     dev = topk_ids.device
     flat = topk_ids.reshape(-1).to(torch.int64)
@@ -128,10 +125,36 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, align_m: int):
     starts = torch.arange(0, total, align_m, device=dev)
     block_expert = torch.searchsorted(pad_end, starts, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return sorted_ids, block_expert
+    if not with_pos:
+        return sorted_ids, block_expert
+    inv = torch.empty(n, dtype=torch.int32, device=dev)
+    inv[order] = pos.to(torch.int32)
+    used = (pad_end[-1:] // align_m).to(torch.int32) if num_experts else torch.zeros(1, dtype=torch.int32,
+                                                                                       device=dev)
+    return sorted_ids, block_expert, inv.view(topk_ids.shape), used
 
 
 # -- the grouped GEMM ----------------------------------------------------------------------------------
+
+@triton.jit
+def _swiglu_quant(g, u, valid, ACT: tl.constexpr, SW_ROUND: tl.constexpr):
+    """(q, scale) of silu(g) * u for a (rows, 128) tile: one 1x128 group per row; rows not ``valid``
+    (padding) give zeros with scale 1, whatever their inputs held. Rounded like the reference: the
+    gate/up outputs, then SwiGLU's, in the activation dtype (ACT 0 bf16, 1 fp16, 2 fp32)."""
+    if ACT == 0:
+        g, u = round_to(g, tl.bfloat16), round_to(u, tl.bfloat16)
+    elif ACT == 1:
+        g, u = round_to(g, tl.float16), round_to(u, tl.float16)
+    h = g * tl.sigmoid(g) * u
+    if ACT == 0:
+        h = round_to(h, tl.bfloat16)
+    elif ACT == 1:
+        h = round_to(h, tl.float16)
+    h = tl.where(valid[:, None], h, 0.0)
+    scale = fp8_scale(tl.max(tl.abs(h), axis=1))
+    q = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)  # FAST_DIV for bf16/fp16 values
+    return q, scale
+
 
 @triton.jit
 def _grouped_gemm_block_fp8_kernel(
@@ -223,18 +246,7 @@ def _grouped_gemm_block_fp8_kernel(
         if not SPLIT_GU:
             # tile columns = [gate block, up block] of one 128-row block pair
             g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-        # round like the reference: gate/up outputs, then SwiGLU's, in the activation dtype
-        if ACT == 0:
-            g, u = round_to(g, tl.bfloat16), round_to(u, tl.bfloat16)
-        elif ACT == 1:
-            g, u = round_to(g, tl.float16), round_to(u, tl.float16)
-        h = g * tl.sigmoid(g) * u
-        if ACT == 0:
-            h = round_to(h, tl.bfloat16)
-        elif ACT == 1:
-            h = round_to(h, tl.float16)
-        scale = fp8_scale(tl.max(tl.abs(h), axis=1))
-        q = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)  # FAST_DIV for bf16/fp16 values
+        q, scale = _swiglu_quant(g, u, valid, ACT, SW_ROUND)
         offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         rows = offs_p.to(tl.int64)
         tl.store(c_ptr + rows[:, None] * stride_cm + offs_h[None, :], q.to(c_ptr.dtype.element_ty))
@@ -332,36 +344,214 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     return (c, cs) if swiglu else c
 
 
+# -- the persistent grouped GEMM on expert-sorted rows ------------------------------------------------
+#
+# The serving path on Hopper (fused_experts, when TMA applies): the token activations are quantized
+# straight into expert-sorted padded rows (act_quant.per_group_quant_sorted, each token stored once per
+# routed slot), so both GEMMs read A through TMA; the down GEMM writes its rows in that order too and
+# the combine gathers them (combine_topk(..., pos)). One program per SM walks the used tiles (the count
+# of used blocks is read on the GPU: no host sync), its tile loop and K loop flattened into one software
+# pipeline, so a tile's loads start while the previous tile's epilogue runs.
+
+@triton.jit
+def _grouped_sorted_kernel(
+    # A descriptor over (P, K) fp8 expert-sorted rows, box [BLOCK_M, BLOCK_K]; scales K-major
+    # (ceil(K/128), P) float32. B descriptor over [E*N, K] fp8 (box [BLOCK_N/2 or BLOCK_N, BLOCK_K]),
+    # block scales [E, N/128, ceil(K/128)]
+    a_desc, as_ptr, b_desc, bs_ptr,
+    # sorted_ids [P] (padding rows hold num_valid), block_expert [P / ALIGN_M], used blocks (1,)
+    sid_ptr, bexp_ptr, used_ptr,
+    # SWIGLU: q descriptor over (P, N/2) fp8, box [BLOCK_M, BLOCK_N/2], scales K-major (N/256, P);
+    # else y descriptor over (P, N), box [BLOCK_M, BLOCK_N]
+    c_desc, cs_ptr,
+    P, N, K, num_valid, stride_bse, stride_bsn,
+    SWIGLU: tl.constexpr, ACT: tl.constexpr, ALIGN_M: tl.constexpr, SW_ROUND: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    num_pid_m = tl.load(used_ptr) * (ALIGN_M // BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    pid = tl.program_id(0)
+    my_tiles = tl.cdiv(tl.maximum(num_pid_m * num_pid_n - pid, 0), NUM_SMS)
+    for t in tl.range(0, my_tiles, flatten=True, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_coords(pid + t * NUM_SMS, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        expert = tl.load(bexp_ptr + off_m // ALIGN_M)
+        bs_base = bs_ptr + expert.to(tl.int64) * stride_bse
+        row0 = expert * N + pid_n * BLOCK_N
+        if SWIGLU:
+            # gate and up as two (BLOCK_M, 128) accumulators, one 128x128 weight block each per K step
+            HALF: tl.constexpr = BLOCK_N // 2
+            g = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            u = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            for kb in range(0, k_tiles):
+                a = a_desc.load([off_m, kb * BLOCK_K])
+                bg = b_desc.load([row0, kb * BLOCK_K])
+                bu = b_desc.load([row0 + HALF, kb * BLOCK_K])
+                sa = tl.load(as_ptr + kb * P + offs_m)
+                sg = tl.load(bs_base + (2 * pid_n) * stride_bsn + kb)
+                su = tl.load(bs_base + (2 * pid_n + 1) * stride_bsn + kb)
+                g += tl.dot(a, bg.T) * (sa * sg)[:, None]
+                u += tl.dot(a, bu.T) * (sa * su)[:, None]
+            valid = tl.load(sid_ptr + offs_m) < num_valid
+            q, scale = _swiglu_quant(g, u, valid, ACT, SW_ROUND)
+            c_desc.store([off_m, pid_n * HALF], q.to(c_desc.dtype))
+            tl.store(cs_ptr + pid_n * P + offs_m, scale)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            for kb in range(0, k_tiles):
+                a = a_desc.load([off_m, kb * BLOCK_K])
+                b = b_desc.load([row0, kb * BLOCK_K])  # rows past this expert's N feed dropped columns
+                sa = tl.load(as_ptr + kb * P + offs_m)
+                if BLOCK_N <= BLOCK_K:  # the tile lies in one 128-row scale block: a scalar scale
+                    sb = tl.load(bs_base + (pid_n * BLOCK_N // BLOCK_K) * stride_bsn + kb)
+                    acc += tl.dot(a, b.T) * (sa * sb)[:, None]
+                else:
+                    sb = tl.load(bs_base + (offs_n // BLOCK_K) * stride_bsn + kb, mask=offs_n < N, other=0.0)
+                    acc += tl.dot(a, b.T) * (sa[:, None] * sb[None, :])
+            y = round_to(acc, c_desc.dtype)  # RNE also under the interpreter
+            c_desc.store([off_m, pid_n * BLOCK_N], y.to(c_desc.dtype))
+
+
+def sorted_path_ok(d: int, inter: int, out_dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether fused_experts can take the persistent sorted-layout kernels for hidden size d and expert
+    width inter: TMA descriptors (Triton >= 3.4) and 16-byte aligned rows for x, both weights and y."""
+    esize = torch.empty((), dtype=out_dtype).element_size()
+    return _tensor_descriptor() is not None and d % 16 == 0 and inter % 16 == 0 and (d * esize) % 16 == 0
+
+
+def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                        sorted_ids: torch.Tensor, block_expert: torch.Tensor, used_blocks: torch.Tensor, *,
+                        swiglu: bool, num_valid: int, out_dtype: torch.dtype = torch.bfloat16,
+                        align_m: int | None = None, config: KernelConfig | None = None, out=None):
+    """Block-scaled FP8 grouped GEMM on expert-sorted rows: persistent, TMA for A, B and the output.
+
+    Rows: ``moe_align(topk_ids, E, align_m, with_pos=True)`` gives sorted_ids, block_expert and
+    used_blocks; P = len(sorted_ids); row p of every operand here is padded row p.
+    a: (P, K') fp8 contiguous, K' >= K (columns past K must be zero or meet zero weights: the packed h
+      of the gate/up call); a_scale_t: (ceil(K'/128), P) float32 contiguous (K-major).
+    b: [E, N, K] fp8 contiguous, K % 16 == 0; b_scale: [E, ceil(N/128), ceil(K/128)] float32.
+    swiglu=True (gate/up, b = packed w13, N % 256 == 0, BLOCK_N == 256): returns (h_q (P, N/2) fp8,
+      h_scale_t (N/256, P) float32), SwiGLU of the gate/up halves rounded to ``out_dtype`` and quantized
+      in 1x128 groups; padding rows (sorted_ids[p] >= num_valid) are zeros with scale 1.
+    swiglu=False (down): returns y (P, N) ``out_dtype``, row p = the expert output of padded row p;
+      padding rows hold the product of their inputs (zeros for a padded h from the gate/up call) and
+      are never read by combine_topk(y, w, pos).
+    Rows of unused blocks (past used_blocks) are not written.
+    """
+    cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
+                                   b.shape[1], b.shape[2], gate_up=swiglu)
+    align_m = align_m or cfg.BLOCK_M
+    if cfg.BLOCK_K != BLOCK:
+        raise ValueError(f"the block-scaled grouped GEMM needs BLOCK_K == 128 (one scale block per K "
+                         f"step), got {cfg.BLOCK_K}")
+    if align_m % cfg.BLOCK_M:
+        raise ValueError(f"BLOCK_M {cfg.BLOCK_M} must divide the alignment {align_m} of the sorted rows")
+    for t, name in ((a, "a"), (b, "b")):
+        if t.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"Expected {name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
+    if out_dtype not in _ACT_CODE:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    TD = _tensor_descriptor()
+    if TD is None:
+        raise RuntimeError("grouped_gemm_sorted needs Triton tensor descriptors (Triton >= 3.4)")
+    e, n, k = b.shape
+    p = sorted_ids.numel()
+    if not b.is_contiguous() or k % 16:
+        raise ValueError(f"b must be a contiguous [E, N, K] tensor with K % 16 == 0, got {tuple(b.shape)}")
+    if tuple(b_scale.shape) != (e, triton.cdiv(n, BLOCK), triton.cdiv(k, BLOCK)) or not b_scale.is_contiguous():
+        raise ValueError(f"Expected a contiguous b_scale of shape {(e, triton.cdiv(n, BLOCK), triton.cdiv(k, BLOCK))}, "
+                         f"got {tuple(b_scale.shape)}")
+    if a.dim() != 2 or a.shape[0] != p or a.shape[1] < k or not a.is_contiguous() or a.shape[1] % 16:
+        raise ValueError(f"a must be a contiguous ({p}, >= {k}) tensor in sorted rows with a row of a multiple "
+                         f"of 16 bytes, got {tuple(a.shape)}")
+    if tuple(a_scale_t.shape) != (triton.cdiv(a.shape[1], BLOCK), p) or not a_scale_t.is_contiguous():
+        raise ValueError(f"Expected a contiguous K-major a_scale_t of shape {(triton.cdiv(a.shape[1], BLOCK), p)}, "
+                         f"got {tuple(a_scale_t.shape)}")
+    if p % align_m or block_expert.numel() != p // align_m or used_blocks.numel() != 1:
+        raise ValueError("sorted_ids / block_expert / used_blocks do not come from moe_align with this align_m")
+    if swiglu:
+        if n % (2 * BLOCK) or cfg.BLOCK_N != 2 * BLOCK:
+            raise ValueError(f"the fused gate/up GEMM needs N % 256 == 0 and BLOCK_N == 256, got N={n}, "
+                             f"BLOCK_N={cfg.BLOCK_N}")
+        want = [((p, n // 2), torch.float8_e4m3fn), ((n // (2 * BLOCK), p), torch.float32)]
+    else:
+        if (n * torch.empty((), dtype=out_dtype).element_size()) % 16:
+            raise ValueError(f"the down GEMM's output rows must be a multiple of 16 bytes, got N={n} {out_dtype}")
+        want = [((p, n), out_dtype)]
+    if out is None:
+        outs = [torch.empty(shape, dtype=dt, device=a.device) for shape, dt in want]
+    else:
+        outs = list(out) if swiglu else [out]
+        if [(tuple(o.shape), o.dtype) for o in outs] != want or not all(o.is_contiguous() for o in outs):
+            raise ValueError(f"out must be contiguous tensors of (shape, dtype) {want}")
+    c, cs = (outs[0], outs[1]) if swiglu else (outs[0], outs[0])
+    if p == 0:
+        return (c, cs) if swiglu else c
+    b_rows = cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N
+    a_d = TD.from_tensor(a, [cfg.BLOCK_M, cfg.BLOCK_K])
+    b_d = TD.from_tensor(b.view(e * n, k), [b_rows, cfg.BLOCK_K])
+    c_d = TD.from_tensor(c, [cfg.BLOCK_M, b_rows])
+    tiles = (p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)  # an upper bound: the used ones are fewer
+    grid = (min(_num_sms(a.device.index or 0), tiles),)
+    _grouped_sorted_kernel[grid](
+        a_d, a_scale_t, b_d, b_scale, sorted_ids, block_expert, used_blocks, c_d, cs,
+        p, n, k, num_valid, b_scale.stride(0), b_scale.stride(1),
+        SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], ALIGN_M=align_m, SW_ROUND=sw_round(),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        NUM_SMS=grid[0], WARP_SPECIALIZE=bool(cfg.WARP_SPEC),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return (c, cs) if swiglu else c
+
+
 # -- combine ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _combine_kernel(y_ptr, w_ptr, out_ptr, D, TOPK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _combine_kernel(y_ptr, w_ptr, pos_ptr, out_ptr, D, TOPK: tl.constexpr, GATHER: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
-        y = tl.load(y_ptr + (t * TOPK + j) * D + offs, mask=mask, other=0.0).to(tl.float32)
+        if GATHER:
+            row = tl.load(pos_ptr + t * TOPK + j).to(tl.int64)
+        else:
+            row = t * TOPK + j
+        y = tl.load(y_ptr + row * D + offs, mask=mask, other=0.0).to(tl.float32)
         acc += y * tl.load(w_ptr + t * TOPK + j)
     acc = round_to(acc, out_ptr.dtype.element_ty)
     tl.store(out_ptr + t * D + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def combine_topk(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """y (T*k, d) contiguous, topk_weights (T, k) -> out (T, d) in y.dtype, float32 sum in slot order."""
+def combine_topk(y: torch.Tensor, topk_weights: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * y[row(t, j)] in y.dtype, float32 sum in slot order. y (rows, d)
+    contiguous; topk_weights (T, k); row(t, j) = t*k + j, or pos[t, j] (int32 (T, k), moe_align's pos)
+    when y holds the down GEMM's rows in expert-sorted order."""
     t, k = topk_weights.shape
     d = y.shape[1]
+    if pos is not None and (tuple(pos.shape) != (t, k) or pos.dtype != torch.int32):
+        raise ValueError(f"Expected pos to be a ({t}, {k}) int32 tensor, got {tuple(pos.shape)} {pos.dtype}")
     out = torch.empty(t, d, dtype=y.dtype, device=y.device)
     if t:
-        _combine_kernel[(t,)](y.contiguous(), topk_weights.float().contiguous(), out, d, TOPK=k,
-                              BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+        _combine_kernel[(t,)](y.contiguous(), topk_weights.float().contiguous(),
+                              pos.contiguous() if pos is not None else y, out, d, TOPK=k,
+                              GATHER=pos is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     return out
 
 
 def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, packed: PackedExperts,
-                  config_gate_up: KernelConfig | None = None, config_down: KernelConfig | None = None):
+                  config_gate_up: KernelConfig | None = None, config_down: KernelConfig | None = None,
+                  layout: str = "auto"):
     """Routed experts, block FP8: x (T, d) bf16/fp16; topk_ids (T, k) int; topk_weights (T, k) float32
-    -> (T, d) in x.dtype. Same result as ReferenceBackend.experts within the kernels' tolerance."""
+    -> (T, d) in x.dtype. Same result as ReferenceBackend.experts within the kernels' tolerance.
+    layout: "sorted" (quantize x into expert-sorted rows, persistent TMA GEMMs, gather in the combine;
+    needs sorted_path_ok), "gather" (the GEMM gathers token rows, the down GEMM scatters its output),
+    or "auto" (sorted where it applies)."""
     t, d = x.shape
     k = topk_ids.shape[1]
     e = packed.num_experts
@@ -369,6 +559,20 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     cfg1 = config_gate_up or default_config(KERNEL_NAME, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
     cfg2 = config_down or default_config(KERNEL_NAME, rows_per_expert, d, packed.inter, gate_up=False)
     align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
+    if layout == "auto":
+        layout = "sorted" if sorted_path_ok(d, packed.inter, x.dtype) else "gather"
+    if layout == "sorted":
+        sorted_ids, block_expert, pos, used = moe_align(topk_ids, e, align_m, with_pos=True)
+        p = sorted_ids.numel()
+        xq, xs = per_group_quant_sorted(x, pos, p)
+        hq, hs = grouped_gemm_sorted(xq, xs, packed.w13, packed.s13, sorted_ids, block_expert, used,
+                                     swiglu=True, num_valid=t * k, out_dtype=x.dtype, align_m=align_m,
+                                     config=cfg1)
+        y = grouped_gemm_sorted(hq, hs, packed.w2, packed.s2, sorted_ids, block_expert, used, swiglu=False,
+                                num_valid=t * k, out_dtype=x.dtype, align_m=align_m, config=cfg2)
+        return combine_topk(y, topk_weights, pos)
+    if layout != "gather":
+        raise ValueError(f"layout must be 'auto', 'sorted' or 'gather', got {layout!r}")
     xq, xs = per_group_quant(x)
     sorted_ids, block_expert = moe_align(topk_ids, e, align_m)
     hq, hs = grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sorted_ids, block_expert, topk=k,

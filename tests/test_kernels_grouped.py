@@ -201,3 +201,117 @@ def test_stages_real_shapes_cuda(t):
     used = row_exp >= 0
     check_quant(hq[used], hs[used], h_ref[used], True, "gate_up+swiglu+quant", own_scale=True)
     check(y, y_ref.to(torch.bfloat16), what="down")
+
+
+# -- the sorted-layout path (persistent TMA kernels; fused_experts' default where TMA applies) ----------
+
+SORTED_CASES = [(3, 144, 208, 83, 3), (4, 144, 208, 7, 2), (2, 128, 128, 1, 1)]
+CFG_GU_S = KernelConfig(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
+CFG_DN_S = KernelConfig(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=2, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("t,e,k,align", [(1, 4, 2, 16), (83, 5, 3, 64), (40, 3, 1, 16)])
+def test_moe_align_pos_is_the_inverse(t, e, k, align):
+    ids, _ = _routing(t, e, k, seed=t + 7)
+    sid, bexp, pos, used = gg.moe_align(ids, e, align, with_pos=True)
+    sid2, bexp2 = gg.moe_align(ids, e, align)
+    assert torch.equal(sid, sid2) and torch.equal(bexp, bexp2)
+    assert pos.shape == (t, k) and pos.dtype == torch.int32 and used.shape == (1,)
+    flat_pos = pos.reshape(-1).long().cpu()
+    assert torch.equal(sid.cpu()[flat_pos], torch.arange(t * k, dtype=torch.int32))
+    assert used.item() == (bexp >= 0).sum().item()
+
+
+def test_per_group_quant_sorted_matches_per_group_quant():
+    from fp8conv.kernels import act_quant
+
+    t, k, d = 37, 3, 200
+    ids, _ = _routing(t, 5, k, seed=3)
+    sid, _, pos, _ = gg.moe_align(ids, 5, 16, with_pos=True)
+    x = (torch.randn(t, d, generator=torch.Generator().manual_seed(5)) * 3).to(torch.bfloat16).to(_dev())
+    q_ref, s_ref = act_quant.per_group_quant(x)
+    q = poison(torch.empty(sid.numel(), d, dtype=torch.float8_e4m3fn, device=x.device))
+    s = poison(torch.empty(2, sid.numel(), dtype=torch.float32, device=x.device))
+    act_quant.per_group_quant_sorted(x, pos, sid.numel(), out=(q, s))
+    for j in range(k):  # every routed copy holds the token's quantization, bit for bit
+        rows = pos[:, j].long()
+        assert torch.equal(q[rows].view(torch.uint8), q_ref.view(torch.uint8))
+        assert torch.equal(s[:, rows].t(), s_ref)
+    with pytest.raises(ValueError, match="dest"):
+        act_quant.per_group_quant_sorted(x, pos.long(), sid.numel())
+
+
+@pytest.mark.parametrize("case", SORTED_CASES)
+def test_sorted_stages_against_references(case):
+    """The persistent sorted-layout kernels on their own inputs: gate/up + SwiGLU + quant, then down
+    (rows in sorted order), then the gathering combine; outputs poisoned first."""
+    e, i, d, t, k = case
+    ex = _experts(e, i, d, seed=sum(case) + 1)
+    ids, w = _routing(t, e, k, seed=t + 3)
+    x = torch.randn(t, d, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16).to(_dev())
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    assert gg.sorted_path_ok(d, i)
+    align = 16
+    sid, bexp, pos, used = gg.moe_align(ids, e, align, with_pos=True)
+    n_rows, ip = sid.numel(), p.w13.shape[1] // 2
+    from fp8conv.kernels.act_quant import per_group_quant_sorted
+
+    xq = poison(torch.empty(n_rows, d, dtype=torch.float8_e4m3fn, device=x.device))
+    xs = poison(torch.empty(-(-d // 128), n_rows, dtype=torch.float32, device=x.device))
+    per_group_quant_sorted(x, pos, n_rows, out=(xq, xs))  # padding rows keep the poison (NaN)
+    hq = poison(torch.empty(n_rows, ip, dtype=torch.float8_e4m3fn, device=x.device))
+    hs = poison(torch.empty(ip // 128, n_rows, dtype=torch.float32, device=x.device))
+    gg.grouped_gemm_sorted(xq, xs, p.w13, p.s13, sid, bexp, used, swiglu=True, num_valid=t * k, align_m=align,
+                           config=CFG_GU_S, out=(hq, hs))
+    xr, xsr = fp8.quantize_per_group(x.cpu())
+    xd = fp8.dequantize(xr, xsr)
+    flat = ids.reshape(-1).cpu()
+    h_ref = torch.zeros(n_rows, ip, dtype=torch.bfloat16)
+    for r in range(n_rows):
+        tok = sid[r].item()
+        if tok < t * k:
+            ei, row = flat[tok].item(), tok // k
+            gt = (xd[row] @ fp8.dequantize(ex.gate[ei].cpu(), ex.gate_scale[ei].cpu()).t()).to(torch.bfloat16)
+            ut = (xd[row] @ fp8.dequantize(ex.up[ei].cpu(), ex.up_scale[ei].cpu()).t()).to(torch.bfloat16)
+            h_ref[r, :i] = (F.silu(gt.float()) * ut.float()).to(torch.bfloat16)
+    used_rows = (bexp.cpu() >= 0).repeat_interleave(align)
+    assert used_rows.sum() == used.item() * align
+    hs_rows = hs.cpu().t()
+    # padding rows (poisoned NaN inputs) must come out as exact zeros with scale 1
+    pad = used_rows & (sid.cpu() >= t * k)
+    assert (hq.cpu()[pad].float() == 0).all() and (hs_rows[pad] == 1).all()
+    check_quant(hq.cpu()[used_rows], hs_rows[used_rows].contiguous(), h_ref[used_rows], True,
+                f"sorted gate_up+swiglu+quant {case}")
+    y = poison(torch.empty(n_rows, d, dtype=torch.bfloat16, device=x.device))
+    gg.grouped_gemm_sorted(hq, hs, p.w2, p.s2, sid, bexp, used, swiglu=False, num_valid=t * k, align_m=align,
+                           config=CFG_DN_S, out=y)
+    hd = fp8.dequantize(hq.cpu(), hs_rows.contiguous())
+    y_ref = torch.zeros(n_rows, d)
+    for r in range(n_rows):
+        tok = sid[r].item()
+        if tok < t * k:
+            ei = flat[tok].item()
+            y_ref[r] = hd[r, :i] @ fp8.dequantize(ex.down[ei].cpu(), ex.down_scale[ei].cpu()).t()
+    check(y.cpu()[used_rows], y_ref[used_rows].to(torch.bfloat16), what=f"sorted down {case}")
+    out = gg.combine_topk(y, w, pos)
+    yv = y.cpu().float()[pos.cpu().long()]  # (t, k, d)
+    ref = (yv * w.cpu()[..., None]).sum(1).to(torch.bfloat16)
+    check(out.cpu(), ref, what="combine (gathered)")
+
+
+def test_fused_experts_layouts_agree():
+    """fused_experts picks the sorted layout where TMA applies; both layouts give the same result."""
+    e, i, d, t, k = 3, 144, 208, 29, 2
+    ex = _experts(e, i, d, seed=11)
+    ids, w = _routing(t, e, k, seed=12)
+    x = torch.randn(t, d, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16).to(_dev())
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    cfg = dict(config_gate_up=CFG_GU_S, config_down=CFG_DN_S)
+    a = gg.fused_experts(x, ids, w, p, layout="sorted", **cfg)
+    b = gg.fused_experts(x, ids, w, p, layout="gather", **cfg)
+    check(a.cpu(), b.cpu(), what="sorted vs gather layout")
+    ref = ReferenceBackend().experts(x.cpu(), ids.cpu(), w.cpu(), ex.to("cpu") if hasattr(ex, "to") else ex)
+    check(a.cpu(), ref, tol=TOL_CHAINED, what="sorted layout vs reference backend")
+    assert not gg.sorted_path_ok(200, 150)  # unaligned rows take the gather layout
+    with pytest.raises(ValueError, match="layout"):
+        gg.fused_experts(x, ids, w, p, layout="nope", **cfg)

@@ -165,13 +165,16 @@ class KernelBench:
         s, p = self._s, self.p
         if p.kernel == "topk":
             return _topk_error(s["x"], out, s["ref_v"])
-        if p.kernel == "fp8_gemm" or not p.swiglu:
+        if p.kernel == "fp8_gemm":
             return metrics.mean_rel_error(out, s["ref"])
-        hq, hs = out
         sid = s["align"][s["last_bm"]][0]
         valid = sid < s["rows"]
         rows = sid[valid].long()
-        q, sc = _rows(hq, valid), hs[valid]
+        if not p.swiglu:  # sorted layout: padded row r holds flat row sid[r]
+            return metrics.mean_rel_error(out[valid], s["ref"][rows]) if s["sorted"] else \
+                metrics.mean_rel_error(out, s["ref"])
+        hq, hs = out
+        q, sc = _rows(hq, valid), (hs.t()[valid] if s["sorted"] else hs[valid])
         err_s = metrics.mean_rel_error(sc, s["ref_s"][rows])
         # the values on the kernel's own 1x128 grid (kernels.testing.check_quant(own_scale=True)): a
         # group amax moved by the tensor cores' accumulation order re-grids the whole group, so two
@@ -240,10 +243,14 @@ class KernelBench:
 
             b, sb = s["w"][j]
             return fp8_gemm_nt(s["a"], s["sa"], b, sb, OUT_DTYPE, config=cfg, out=s["out"])
-        from fp8conv.kernels.grouped_gemm import grouped_gemm_block_fp8
+        from fp8conv.kernels.grouped_gemm import grouped_gemm_block_fp8, grouped_gemm_sorted
 
-        sid, bexp, a, sa, out = self._aligned(cfg.BLOCK_M)
+        sid, bexp, a, sa, out, used = self._aligned(cfg.BLOCK_M)
         w, ws = s["w"][j]
+        if s["sorted"]:  # what fused_experts runs where TMA applies
+            return grouped_gemm_sorted(a, sa, w, ws, sid, bexp, used, swiglu=p.swiglu,
+                                       num_valid=s["rows"], out_dtype=OUT_DTYPE, align_m=cfg.BLOCK_M,
+                                       config=cfg, out=out)
         return grouped_gemm_block_fp8(a, sa, w, ws, sid, bexp, topk=p.top_k, swiglu=p.swiglu,
                                       out_dtype=OUT_DTYPE, align_m=cfg.BLOCK_M, num_valid=s["rows"],
                                       config=cfg, out=out)
@@ -277,9 +284,11 @@ class KernelBench:
         ids = torch.rand(t, e, device=dev).argsort(dim=1)[:, :k].to(torch.int32)  # (T, k) distinct
         flat = ids.reshape(-1).long()
         s = self._s
-        s.update(ids=ids, rows=rows, align={})
+        from fp8conv.kernels.grouped_gemm import sorted_path_ok
+
+        d, inter = (p.k, p.n // 2) if p.swiglu else (p.n, p.k)
+        s.update(ids=ids, rows=rows, align={}, sorted=sorted_path_ok(d, inter, OUT_DTYPE))
         if p.swiglu:
-            inter, d = p.n // 2, p.k
             gate = torch.randn(e, inter, d, device=dev) * 0.05
             up = torch.randn(e, inter, d, device=dev) * 0.05
             gq, gs = _block_quant(gate)
@@ -308,7 +317,6 @@ class KernelBench:
             s["ref_s"] = fp8.quantize_per_group(h)[1]
             wb = torch.cat([gate, up], dim=1)  # baseline: gate and up as one bf16 GEMM, no SwiGLU
         else:
-            d, inter = p.n, p.k
             down = torch.randn(e, d, inter, device=dev) * 0.05
             w, ws = _block_quant(down)
             h = torch.randn(rows, inter, device=dev, dtype=OUT_DTYPE)
@@ -336,28 +344,36 @@ class KernelBench:
         s["offs"] = torch.cumsum(counts, 0).to(torch.int32)
 
     def _aligned(self, bm: int):
-        """(sorted_ids, block_expert, a, a_scale, out) for alignment ``bm`` (cached per bm)."""
+        """(sorted_ids, block_expert, a, a_scale, out, used_blocks) for alignment ``bm`` (cached per bm).
+        Sorted layout (s["sorted"]): a in padded rows (zeros for padding), scales K-major, outputs in
+        padded rows, as fused_experts feeds grouped_gemm_sorted; else the gather layout's operands."""
         s, p = self._s, self.p
         got = s["align"].get(bm)
         if got is None:
             from fp8conv.kernels.grouped_gemm import moe_align
 
-            sid, bexp = moe_align(s["ids"], p.experts, bm)
-            if p.swiglu:
+            sid, bexp, _, used = moe_align(s["ids"], p.experts, bm, with_pos=True)
+            valid = sid < s["rows"]
+            src = torch.where(valid, sid, 0).long()  # the flat (token, slot) row of each padded row
+            if p.swiglu and not s["sorted"]:
                 a, sa = s["xq"], s["xs"]
-            else:  # the down GEMM reads its input in padded order; padding rows are zero (scale 1)
-                valid = sid < s["rows"]
-                src = torch.where(valid, sid, 0).long()
-                a = s["hq"].view(torch.uint8)[src] * valid[:, None].to(torch.uint8)
-                a = a.view(torch.float8_e4m3fn)
-                sa = torch.where(valid[:, None], s["hs"][src], torch.ones_like(s["hs"][src]))
+            else:  # padded order; padding rows are zero (scale 1)
+                q, sc = (s["xq"], s["xs"]) if p.swiglu else (s["hq"], s["hs"])
+                src_q = src // p.top_k if p.swiglu else src  # gate/up rows are tokens
+                a = (q.view(torch.uint8)[src_q] * valid[:, None].to(torch.uint8)).view(torch.float8_e4m3fn)
+                sa = torch.where(valid[:, None], sc[src_q], torch.ones_like(sc[src_q]))
+                if s["sorted"]:
+                    sa = sa.t()
             n_pad = sid.numel()
             if p.swiglu:
+                hs_shape = (p.n // (2 * fp8.BLOCK), n_pad) if s["sorted"] else (n_pad, p.n // (2 * fp8.BLOCK))
                 out = (torch.empty(n_pad, p.n // 2, device=sid.device, dtype=torch.float8_e4m3fn),
-                       torch.empty(n_pad, p.n // (2 * fp8.BLOCK), device=sid.device, dtype=torch.float32))
+                       torch.empty(hs_shape, device=sid.device, dtype=torch.float32))
+            elif s["sorted"]:
+                out = torch.empty(n_pad, p.n, device=sid.device, dtype=OUT_DTYPE)
             else:
                 out = s.setdefault("y", torch.empty(s["rows"], p.n, device=sid.device, dtype=OUT_DTYPE))
-            got = (sid, bexp, a.contiguous(), sa.contiguous(), out)
+            got = (sid, bexp, a.contiguous(), sa.contiguous(), out, used)
             s["align"][bm] = got
         return got
 
