@@ -422,15 +422,24 @@ def bench_moe(ms, sweep):
         if tb:
             record("experts", "bf16 layer (torch)", m, 0, 0, tb, f13 + f2, 0)
         record("experts", "fp8 layer (fused_experts)", m, 0, 0, tf, f13 + f2, 0, tb, "bf16 layer", err)
-        if "grouped" in sweep and m >= 4096:
-            def err_of(out, swiglu):  # against the default config's output, on the routed rows
-                if swiglu:
-                    return checked(fp8.dequantize(rows_of(out[0], fl_pos), out[1].t()[fl_pos].contiguous()),
-                                   fp8.dequantize(rows_of(hq_s, fl_pos), hs_s.t()[fl_pos].contiguous()),
-                                   "sweep gate/up", TOL)
-                return checked(out[fl_pos], y_s[fl_pos], "sweep down", TOL)
+        if "grouped" in sweep and m == max(ms):
+            # the sweep's operands at alignment 128 (every BLOCK_M swept divides it); its references are the
+            # default configs' outputs on them
+            sid8, bexp8, pos8, used8 = gg.moe_align(ids, E, 128, with_pos=True)
+            xq8, xs8 = act_quant.per_group_quant_sorted(x, pos8, sid8.numel())
+            gu8 = (xq8, xs8, packed.w13, packed.s13, sid8, bexp8, used8)
+            hq8, hs8 = gg.grouped_gemm_sorted(*gu8, swiglu=True, num_valid=rows, align_m=128, config=c1)
+            dn8 = (hq8, hs8, packed.w2, packed.s2, sid8, bexp8, used8)
+            y8 = gg.grouped_gemm_sorted(*dn8, swiglu=False, num_valid=rows, align_m=128, config=c2)
+            fl8 = pos8.reshape(-1).long()
 
-            sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of)
+            def err_of(out, swiglu):
+                if swiglu:
+                    return checked(fp8.dequantize(rows_of(out[0], fl8), out[1].t()[fl8].contiguous()),
+                                   fp8.dequantize(rows_of(hq8, fl8), hs8.t()[fl8].contiguous()), "sweep gate/up", TOL)
+                return checked(out[fl8], y8[fl8], "sweep down", TOL)
+
+            sweep_grouped(m, gu8, dn8, t13, t2, f13, f2, err_of)
 
 
 def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
@@ -438,9 +447,9 @@ def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
     checked against the default config's output before it is timed."""
     rows = m * TOPK
 
-    def one(name, args, swiglu, cfg, base, flops):
+    def one(name, args, swiglu, cfg, base, flops, ppsm):
         run = lambda: gg.grouped_gemm_sorted(*args, swiglu=swiglu, num_valid=rows, align_m=128,  # noqa: E731
-                                             config=cfg)
+                                             config=cfg, programs_per_sm=ppsm)
         try:
             err = err_of(run(), swiglu)
             us = time_us(run, [()])
@@ -448,17 +457,17 @@ def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
             print(f"  skip {name}: {type(exc).__name__}: {str(exc)[:120]}")
             return
         record("experts", f"sweep {name}", rows, 0, 0, us, flops, 0, base, "_grouped_mm", err,
-               {"config": cfg.to_dict(), "sweep": True})
+               {"config": cfg.to_dict(), "sweep": True, "programs_per_sm": ppsm})
 
-    for (bm, w, st), ws, gm in itertools.product([(64, 8, 3), (64, 8, 4), (64, 4, 3), (128, 8, 3), (128, 8, 2)],
-                                                 (0, 1), (8, 16)):
+    for (bm, w, st), ws, gm, ppsm in itertools.product([(64, 8, 3), (64, 8, 4), (64, 4, 2), (128, 8, 3), (128, 8, 2)],
+                                                       (0, 1), (8,), (1, None)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=gm, num_warps=w, num_stages=st, WARP_SPEC=ws)
-        one(f"g/u {bm}x256 w{w}s{st} g{gm} ws{ws}", gu_args, True, cfg, t13, f13)
-    for (bm, bn, w, st), ws in itertools.product([(64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3),
-                                                 (128, 128, 8, 4), (64, 256, 8, 3), (128, 256, 8, 3),
-                                                 (64, 128, 8, 4)], (0, 1)):
+        one(f"g/u {bm}x256 w{w}s{st} g{gm} ws{ws} p{ppsm or 'auto'}", gu_args, True, cfg, t13, f13, ppsm)
+    for (bm, bn, w, st), ws, ppsm in itertools.product([(64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 2),
+                                                        (128, 128, 8, 3), (128, 128, 8, 4), (64, 256, 8, 3),
+                                                        (128, 128, 4, 3), (64, 128, 8, 3)], (0, 1), (1, None)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=st, WARP_SPEC=ws)
-        one(f"down {bm}x{bn} w{w}s{st} ws{ws}", dn_args, False, cfg, t2, f2)
+        one(f"down {bm}x{bn} w{w}s{st} ws{ws} p{ppsm or 'auto'}", dn_args, False, cfg, t2, f2, ppsm)
 
 
 # -- summary -------------------------------------------------------------------------------------------

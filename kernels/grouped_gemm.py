@@ -367,15 +367,16 @@ def _grouped_sorted_kernel(
     P, N, K, num_valid, stride_bse, stride_bsn,
     SWIGLU: tl.constexpr, ACT: tl.constexpr, ALIGN_M: tl.constexpr, SW_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_SMS: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
 ):
     num_pid_m = tl.load(used_ptr) * (ALIGN_M // BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     pid = tl.program_id(0)
-    my_tiles = tl.cdiv(tl.maximum(num_pid_m * num_pid_n - pid, 0), NUM_SMS)
+    progs = tl.num_programs(0)  # SMs x programs per SM (grouped_gemm_sorted)
+    my_tiles = tl.cdiv(tl.maximum(num_pid_m * num_pid_n - pid, 0), progs)
     for t in tl.range(0, my_tiles, flatten=True, warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_coords(pid + t * NUM_SMS, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = _tile_coords(pid + t * progs, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         offs_m = off_m + tl.arange(0, BLOCK_M)
         expert = tl.load(bexp_ptr + off_m // ALIGN_M)
@@ -426,7 +427,8 @@ def sorted_path_ok(d: int, inter: int, out_dtype: torch.dtype = torch.bfloat16) 
 def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                         sorted_ids: torch.Tensor, block_expert: torch.Tensor, used_blocks: torch.Tensor, *,
                         swiglu: bool, num_valid: int, out_dtype: torch.dtype = torch.bfloat16,
-                        align_m: int | None = None, config: KernelConfig | None = None, out=None):
+                        align_m: int | None = None, config: KernelConfig | None = None, out=None,
+                        programs_per_sm: int | None = None):
     """Block-scaled FP8 grouped GEMM on expert-sorted rows: persistent, TMA for A, B and the output.
 
     Rows: ``moe_align(topk_ids, E, align_m, with_pos=True)`` gives sorted_ids, block_expert and
@@ -441,6 +443,7 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
       padding rows hold the product of their inputs (zeros for a padded h from the gate/up call) and
       are never read by combine_topk(y, w, pos).
     Rows of unused blocks (past used_blocks) are not written.
+    programs_per_sm: the persistent grid's programs per SM (None: as many as fit, _programs_per_sm).
     """
     cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
                                    b.shape[1], b.shape[2], gate_up=swiglu)
@@ -495,17 +498,41 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
     a_d = TD.from_tensor(a, [cfg.BLOCK_M, cfg.BLOCK_K])
     b_d = TD.from_tensor(b.view(e * n, k), [b_rows, cfg.BLOCK_K])
     c_d = TD.from_tensor(c, [cfg.BLOCK_M, b_rows])
+    args = (a_d, a_scale_t, b_d, b_scale, sorted_ids, block_expert, used_blocks, c_d, cs,
+            p, n, k, num_valid, b_scale.stride(0), b_scale.stride(1))
+    meta = dict(SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], ALIGN_M=align_m, SW_ROUND=sw_round(),
+                BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+                WARP_SPECIALIZE=bool(cfg.WARP_SPEC), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if programs_per_sm is None:
+        programs_per_sm = _programs_per_sm(_grouped_sorted_kernel, args, meta, a.device)
     tiles = (p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)  # an upper bound: the used ones are fewer
-    grid = (min(_num_sms(a.device.index or 0), tiles),)
-    _grouped_sorted_kernel[grid](
-        a_d, a_scale_t, b_d, b_scale, sorted_ids, block_expert, used_blocks, c_d, cs,
-        p, n, k, num_valid, b_scale.stride(0), b_scale.stride(1),
-        SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], ALIGN_M=align_m, SW_ROUND=sw_round(),
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        NUM_SMS=grid[0], WARP_SPECIALIZE=bool(cfg.WARP_SPEC),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    grid = (min(programs_per_sm * _num_sms(a.device.index or 0), tiles),)
+    _grouped_sorted_kernel[grid](*args, **meta)
     return (c, cs) if swiglu else c
+
+
+_OCCUPANCY: dict = {}
+
+
+def _programs_per_sm(kernel, args, meta: dict, device: torch.device) -> int:
+    """How many programs of this compiled kernel fit on one SM at once (registers, shared memory; at
+    most 4), cached per device and meta-parameters. Each K step's product is scaled before it is
+    accumulated, so a program waits for the tensor cores every step; a second resident program fills
+    those waits (the persistent grid then runs that many programs per SM). 1 under the interpreter."""
+    if device.type != "cuda":
+        return 1
+    key = (device.index, tuple(sorted(meta.items())))
+    occ = _OCCUPANCY.get(key)
+    if occ is None:
+        compiled = kernel.warmup(*args, grid=(1,), **meta)
+        compiled._init_handles()
+        props = torch.cuda.get_device_properties(device)
+        regs = getattr(props, "regs_per_multiprocessor", 65536)
+        smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+        by_regs = regs // max(1, compiled.n_regs * 32 * meta["num_warps"])
+        by_smem = smem // (compiled.metadata.shared + 1024)  # + the 1 KiB each block reserves
+        occ = _OCCUPANCY[key] = max(1, min(4, by_regs, by_smem))
+    return occ
 
 
 # -- combine ---------------------------------------------------------------------------------------------

@@ -296,9 +296,16 @@ def _start_and_wait_for_temp(src: Path, dst: Path) -> subprocess.Popen:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_interrupted_mid_write_leaves_nothing_at_dst(big_ckpt, tmp_path, sig):
     dst = tmp_path / "out"
-    proc = _start_and_wait_for_temp(big_ckpt, dst)
-    proc.send_signal(sig)
-    proc.wait(timeout=60)
+    for _ in range(3):
+        proc = _start_and_wait_for_temp(big_ckpt, dst)
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        if proc.returncode != 0:
+            break
+        # exit 0: the run finished (output complete) before the signal landed -- seen once on a loaded
+        # 2-core machine; that run tested nothing, so start again
+        assert dst.exists()
+        shutil.rmtree(dst)
     assert proc.returncode != 0
     assert not dst.exists()
     temps = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
