@@ -33,7 +33,7 @@ from fp8conv import numerics as fp8
 from fp8conv.kernels import act_quant, grouped_gemm as gg
 from fp8conv.kernels.config import KernelConfig, default_config, resolve_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
-from fp8conv.kernels.testing import TOL, TOL_CHAINED, check, ref_gemm_nt
+from fp8conv.kernels.testing import TOL, TOL_CHAINED, check, poison, ref_gemm_nt
 from fp8conv.runtime.ops import rms_norm
 
 from bench_timing import rotating, time_us  # benchmarks/ is on sys.path when run as a script
@@ -448,10 +448,15 @@ def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
     rows = m * TOPK
 
     def one(name, args, swiglu, cfg, base, flops, ppsm):
-        run = lambda: gg.grouped_gemm_sorted(*args, swiglu=swiglu, num_valid=rows, align_m=128,  # noqa: E731
-                                             config=cfg, programs_per_sm=ppsm)
+        run = lambda out=None: gg.grouped_gemm_sorted(*args, swiglu=swiglu, num_valid=rows,  # noqa: E731
+                                                      align_m=128, config=cfg, programs_per_sm=ppsm, out=out)
         try:
-            err = err_of(run(), swiglu)
+            # the check run writes into poisoned buffers (a fresh one could hold an earlier config's answer)
+            first = run()
+            outs = first if swiglu else (first,)
+            for t in outs:
+                poison(t)
+            err = err_of(run(outs if swiglu else outs[0]), swiglu)
             us = time_us(run, [()])
         except Exception as exc:
             print(f"  skip {name}: {type(exc).__name__}: {str(exc)[:120]}")
