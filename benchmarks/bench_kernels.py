@@ -303,7 +303,8 @@ def bench_moe(ms, sweep):
     gb, gq, gs = qb(INTER_E, D)
     ub, uq, us_ = qb(INTER_E, D)
     db, dq, ds = qb(D, INTER_E)
-    packed = gg.pack_experts(gq, uq, dq, gs, us_, ds)
+    packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=64)  # the sorted layout's (serving path)
+    packed_g = gg.pack_experts(gq, uq, dq, gs, us_, ds)  # the gather layout's, for its comparison rows
     w13b = gg._interleave_blocks(gb, ub, 128)  # same layout as the FP8 weight (I_E % 128 == 0)
     w13t, w2t = w13b.transpose(1, 2), db.transpose(1, 2)  # (E, K, N) column-major views
     for m in ms:
@@ -373,9 +374,9 @@ def bench_moe(ms, sweep):
                                                     config=c2), [()])
         # the gather layout (the fallback for unaligned shapes) on the same data: its outputs check the
         # sorted kernels' at every M (the same rows, other accumulation order: the 1e-3 gate)
-        hq, hs = gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK, swiglu=True,
+        hq, hs = gg.grouped_gemm_block_fp8(xq, xs, packed_g.w13, packed_g.s13, sid, bexp, topk=TOPK, swiglu=True,
                                            align_m=align, config=c1)
-        y_g = gg.grouped_gemm_block_fp8(hq, hs, packed.w2, packed.s2, sid, bexp, topk=TOPK, swiglu=False,
+        y_g = gg.grouped_gemm_block_fp8(hq, hs, packed_g.w2, packed_g.s2, sid, bexp, topk=TOPK, swiglu=False,
                                         align_m=align, num_valid=rows, config=c2)
         fl_pos = pos.reshape(-1).long()
         rows_of = lambda q, r: q.view(torch.uint8)[r].view(torch.float8_e4m3fn)  # noqa: E731 - FP8 by bytes
@@ -386,9 +387,9 @@ def bench_moe(ms, sweep):
                rows * D + E * 2 * INTER_E * D + rows * INTER_E, t13, "_grouped_mm", err13)
         record("experts", "fp8 down", rows, D, INTER_E, k2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
                t2, "_grouped_mm", err2)
-        g13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sid, bexp, topk=TOPK,
+        g13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed_g.w13, packed_g.s13, sid, bexp, topk=TOPK,
                                                         swiglu=True, align_m=align, config=c1), [()])
-        g2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed.w2, packed.s2, sid, bexp, topk=TOPK,
+        g2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed_g.w2, packed_g.s2, sid, bexp, topk=TOPK,
                                                        swiglu=False, align_m=align, num_valid=rows,
                                                        config=c2), [()])
         record("experts", "fp8 g/u gather layout", rows, 2 * INTER_E, D, g13, f13, 0, t13, "_grouped_mm")
@@ -464,8 +465,8 @@ def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
         record("experts", f"sweep {name}", rows, 0, 0, us, flops, 0, base, "_grouped_mm", err,
                {"config": cfg.to_dict(), "sweep": True, "programs_per_sm": ppsm})
 
-    for (bm, w, st), ws, gm, ppsm in itertools.product([(64, 8, 3), (64, 8, 4), (64, 4, 2), (128, 8, 3), (128, 8, 2)],
-                                                       (0, 1), (8,), (1, None)):
+    for (bm, w, st), ws, gm, ppsm in itertools.product([(64, 8, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4),
+                                                        (128, 8, 2)], (0, 1), (8,), (1, None)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=gm, num_warps=w, num_stages=st, WARP_SPEC=ws)
         one(f"g/u {bm}x256 w{w}s{st} g{gm} ws{ws} p{ppsm or 'auto'}", gu_args, True, cfg, t13, f13, ppsm)
     for (bm, bn, w, st), ws, ppsm in itertools.product([(64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 4, 2),

@@ -29,7 +29,7 @@ import torch
 from fp8conv.kernels import act_quant
 from fp8conv.kernels.config import KernelConfig, resolve_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
-from fp8conv.kernels.grouped_gemm import KERNEL_NAME as GROUPED, fused_experts, pack_experts
+from fp8conv.kernels.grouped_gemm import KERNEL_NAME as GROUPED, fused_experts, pack_experts, sorted_path_ok
 from fp8conv.kernels.topk import topk as radix_topk
 from fp8conv.runtime.ops import Experts, Linear, ReferenceBackend
 
@@ -132,7 +132,9 @@ class TritonBackend(ReferenceBackend):
             self.calls["experts.reference"] += 1
             return super().experts(x, topk_ids, topk_weights, w)
         self.calls["experts.fp8"] += 1
-        packed = self._cached((w,), lambda: pack_experts(w.gate, w.up, w.down, *scales))
+        inter, d = w.gate.shape[1], w.gate.shape[2]
+        packed = self._cached((w,), lambda: pack_experts(  # interleave 64: fused_experts' sorted layout
+            w.gate, w.up, w.down, *scales, interleave=64 if sorted_path_ok(d, inter) else 128))
         t, d = x.shape
         rows = max(1, t * topk_ids.shape[1] // packed.num_experts)
         cfg1 = self._config(GROUPED, rows, packed.w13.shape[1], d, gate_up=True)

@@ -42,7 +42,9 @@ _ACT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 @dataclass(frozen=True)
 class PackedExperts:
-    """w13: [E, 2*Ip, d] fp8, gate block j at rows [256j, 256j+128), up block j at [256j+128, 256j+256);
+    """w13: [E, 2*Ip, d] fp8; with interleave 128 gate block j at rows [256j, 256j+128), up block j at
+    [256j+128, 256j+256); with interleave 64 rows [256j, 256j+256) are gate rows 128j..128j+63, the
+    same up rows, gate rows 128j+64..128j+127, the same up rows;
     s13: [E, 2*Ip/128, ceil(d/128)] float32 in the same order; w2: [E, d, I] fp8; s2: [E, ceil(d/128),
     ceil(I/128)]. Ip = I rounded up to 128: padded rows are zero, so no block straddles gate and up."""
 
@@ -51,6 +53,10 @@ class PackedExperts:
     w2: torch.Tensor
     s2: torch.Tensor
     inter: int
+    # rows per gate/up run in w13: 128 (the gather-layout kernel's 256-row tiles: gate block, up block)
+    # or 64 (the sorted-layout kernel: each 128-row load is 64 gate + 64 up rows of one block pair, so
+    # one 128x128 dot computes both halves of 64 SwiGLU columns)
+    interleave: int = 128
 
     @property
     def num_experts(self) -> int:
@@ -67,9 +73,13 @@ def _interleave_blocks(g: torch.Tensor, u: torch.Tensor, rows_per_block: int) ->
 
 
 def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_scale: torch.Tensor,
-                 up_scale: torch.Tensor, down_scale: torch.Tensor) -> PackedExperts:
+                 up_scale: torch.Tensor, down_scale: torch.Tensor, interleave: int = 128) -> PackedExperts:
     """Pack ops.Experts-style block-FP8 tensors (gate/up [E, I, d], down [E, d, I], block scales
-    [E, ceil(rows/128), ceil(cols/128)]) for the grouped kernels."""
+    [E, ceil(rows/128), ceil(cols/128)]) for the grouped kernels: interleave 128 for the gather-layout
+    kernel (grouped_gemm_block_fp8), 64 for the sorted-layout one (grouped_gemm_sorted; see
+    PackedExperts and fused_experts)."""
+    if interleave not in (64, 128):
+        raise ValueError(f"interleave must be 64 or 128, got {interleave!r}")
     for t, name in ((gate, "gate"), (up, "up"), (down, "down")):
         if t.dtype != torch.float8_e4m3fn:
             raise ValueError(f"Expected experts.{name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
@@ -90,9 +100,9 @@ def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_
     if pad:
         g8 = torch.nn.functional.pad(g8, (0, 0, 0, pad))
         u8 = torch.nn.functional.pad(u8, (0, 0, 0, pad))
-    w13 = _interleave_blocks(g8, u8, BLOCK).contiguous().view(torch.float8_e4m3fn)
-    s13 = _interleave_blocks(gate_scale.float(), up_scale.float(), 1).contiguous()
-    return PackedExperts(w13, s13, down.contiguous(), down_scale.float().contiguous(), inter)
+    w13 = _interleave_blocks(g8, u8, interleave).contiguous().view(torch.float8_e4m3fn)
+    s13 = _interleave_blocks(gate_scale.float(), up_scale.float(), 1).contiguous()  # by 128-row block pair
+    return PackedExperts(w13, s13, down.contiguous(), down_scale.float().contiguous(), inter, interleave)
 
 
 # -- align / permute -----------------------------------------------------------------------------------
@@ -139,8 +149,17 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, align_m: int, with_pos: 
 @triton.jit
 def _swiglu_quant(g, u, valid, ACT: tl.constexpr, SW_ROUND: tl.constexpr):
     """(q, scale) of silu(g) * u for a (rows, 128) tile: one 1x128 group per row; rows not ``valid``
-    (padding) give zeros with scale 1, whatever their inputs held. Rounded like the reference: the
-    gate/up outputs, then SwiGLU's, in the activation dtype (ACT 0 bf16, 1 fp16, 2 fp32)."""
+    (padding) give zeros with scale 1, whatever their inputs held."""
+    h = _swiglu(g, u, valid, ACT)
+    scale = fp8_scale(tl.max(tl.abs(h), axis=1))
+    q = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)  # FAST_DIV for bf16/fp16 values
+    return q, scale
+
+
+@triton.jit
+def _swiglu(g, u, valid, ACT: tl.constexpr):
+    """silu(g) * u, rows not ``valid`` (padding) zero whatever their inputs held. Rounded like the
+    reference: the gate/up outputs, then SwiGLU's, in the activation dtype (ACT 0 bf16, 1 fp16, 2 fp32)."""
     if ACT == 0:
         g, u = round_to(g, tl.bfloat16), round_to(u, tl.bfloat16)
     elif ACT == 1:
@@ -150,10 +169,7 @@ def _swiglu_quant(g, u, valid, ACT: tl.constexpr, SW_ROUND: tl.constexpr):
         h = round_to(h, tl.bfloat16)
     elif ACT == 1:
         h = round_to(h, tl.float16)
-    h = tl.where(valid[:, None], h, 0.0)
-    scale = fp8_scale(tl.max(tl.abs(h), axis=1))
-    q = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)  # FAST_DIV for bf16/fp16 values
-    return q, scale
+    return tl.where(valid[:, None], h, 0.0)
 
 
 @triton.jit
@@ -356,12 +372,12 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
 @triton.jit
 def _grouped_sorted_kernel(
     # A descriptor over (P, K) fp8 expert-sorted rows, box [BLOCK_M, BLOCK_K]; scales K-major
-    # (ceil(K/128), P) float32. B descriptor over [E*N, K] fp8 (box [BLOCK_N/2 or BLOCK_N, BLOCK_K]),
+    # (ceil(K/128), P) float32. B descriptor over [E*N, K] fp8, box [128 (SWIGLU) or BLOCK_N, BLOCK_K];
     # block scales [E, N/128, ceil(K/128)]
     a_desc, as_ptr, b_desc, bs_ptr,
     # sorted_ids [P] (padding rows hold num_valid), block_expert [P / ALIGN_M], used blocks (1,)
     sid_ptr, bexp_ptr, used_ptr,
-    # SWIGLU: q descriptor over (P, N/2) fp8, box [BLOCK_M, BLOCK_N/2], scales K-major (N/256, P);
+    # SWIGLU: q descriptor over (P, N/2) fp8, box [BLOCK_M, 64], scales K-major (N/256, P);
     # else y descriptor over (P, N), box [BLOCK_M, BLOCK_N]
     c_desc, cs_ptr,
     P, N, K, num_valid, stride_bse, stride_bsn,
@@ -369,38 +385,51 @@ def _grouped_sorted_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     WARP_SPECIALIZE: tl.constexpr,
 ):
+    # SWIGLU (w13 packed with interleave 64, BLOCK_N 256 = one 128-wide group of SwiGLU outputs): a
+    # tile is two work items, its halves; half j is one 128x128 dot per K step over w13 rows
+    # [256 pid_n + 128 j, +128) = 64 gate + 64 up rows, whose 64 SwiGLU columns wait in registers
+    # (h_lo) until the second half's are there for the group's amax
+    ITEMS: tl.constexpr = 2 if SWIGLU else 1
     num_pid_m = tl.load(used_ptr) * (ALIGN_M // BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     pid = tl.program_id(0)
     progs = tl.num_programs(0)  # SMs x programs per SM (grouped_gemm_sorted)
     my_tiles = tl.cdiv(tl.maximum(num_pid_m * num_pid_n - pid, 0), progs)
-    for t in tl.range(0, my_tiles, flatten=True, warp_specialize=WARP_SPECIALIZE):
-        pid_m, pid_n = _tile_coords(pid + t * progs, num_pid_m, num_pid_n, GROUP_M)
+    HALF: tl.constexpr = 64
+    h_lo = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+    for it in tl.range(0, my_tiles * ITEMS, flatten=True, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_coords(pid + (it // ITEMS) * progs, num_pid_m, num_pid_n, GROUP_M)
+        part = it % ITEMS
         off_m = pid_m * BLOCK_M
         offs_m = off_m + tl.arange(0, BLOCK_M)
         expert = tl.load(bexp_ptr + off_m // ALIGN_M)
         bs_base = bs_ptr + expert.to(tl.int64) * stride_bse
-        row0 = expert * N + pid_n * BLOCK_N
         if SWIGLU:
-            # gate and up as two (BLOCK_M, 128) accumulators, one 128x128 weight block each per K step
-            HALF: tl.constexpr = BLOCK_N // 2
-            g = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
-            u = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+            row0 = expert * N + pid_n * BLOCK_N + part * (BLOCK_N // 2)
+            is_up = tl.arange(0, BLOCK_N // 2) >= HALF
+            acc = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
             for kb in range(0, k_tiles):
                 a = a_desc.load([off_m, kb * BLOCK_K])
-                bg = b_desc.load([row0, kb * BLOCK_K])
-                bu = b_desc.load([row0 + HALF, kb * BLOCK_K])
+                b = b_desc.load([row0, kb * BLOCK_K])
                 sa = tl.load(as_ptr + kb * P + offs_m)
                 sg = tl.load(bs_base + (2 * pid_n) * stride_bsn + kb)
                 su = tl.load(bs_base + (2 * pid_n + 1) * stride_bsn + kb)
-                g += tl.dot(a, bg.T) * (sa * sg)[:, None]
-                u += tl.dot(a, bu.T) * (sa * su)[:, None]
+                acc += tl.dot(a, b.T) * (sa[:, None] * tl.where(is_up, su, sg)[None, :])
+            g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
             valid = tl.load(sid_ptr + offs_m) < num_valid
-            q, scale = _swiglu_quant(g, u, valid, ACT, SW_ROUND)
-            c_desc.store([off_m, pid_n * HALF], q.to(c_desc.dtype))
-            tl.store(cs_ptr + pid_n * P + offs_m, scale)
+            h = _swiglu(g, u, valid, ACT)
+            if part == 0:
+                h_lo = h
+            else:
+                scale = fp8_scale(tl.maximum(tl.max(tl.abs(h_lo), axis=1), tl.max(tl.abs(h), axis=1)))
+                q_lo = quantize_values(h_lo, scale[:, None], ACT != 2, SW_ROUND)
+                q_hi = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)
+                c_desc.store([off_m, pid_n * (2 * HALF)], q_lo.to(c_desc.dtype))
+                c_desc.store([off_m, pid_n * (2 * HALF) + HALF], q_hi.to(c_desc.dtype))
+                tl.store(cs_ptr + pid_n * P + offs_m, scale)
         else:
+            row0 = expert * N + pid_n * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             for kb in range(0, k_tiles):
@@ -417,11 +446,11 @@ def _grouped_sorted_kernel(
             c_desc.store([off_m, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
-def sorted_path_ok(d: int, inter: int, out_dtype: torch.dtype = torch.bfloat16) -> bool:
+def sorted_path_ok(d: int, inter: int) -> bool:
     """Whether fused_experts can take the persistent sorted-layout kernels for hidden size d and expert
-    width inter: TMA descriptors (Triton >= 3.4) and 16-byte aligned rows for x, both weights and y."""
-    esize = torch.empty((), dtype=out_dtype).element_size()
-    return _tensor_descriptor() is not None and d % 16 == 0 and inter % 16 == 0 and (d * esize) % 16 == 0
+    width inter: TMA descriptors (Triton >= 3.4) and 16-byte aligned rows for x, both weights and y
+    (d % 16 == 0 and inter % 16 == 0). Pack the experts with interleave=64 where this holds."""
+    return _tensor_descriptor() is not None and d % 16 == 0 and inter % 16 == 0
 
 
 def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -436,7 +465,7 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
     a: (P, K') fp8 contiguous, K' >= K (columns past K must be zero or meet zero weights: the packed h
       of the gate/up call); a_scale_t: (ceil(K'/128), P) float32 contiguous (K-major).
     b: [E, N, K] fp8 contiguous, K % 16 == 0; b_scale: [E, ceil(N/128), ceil(K/128)] float32.
-    swiglu=True (gate/up, b = packed w13, N % 256 == 0, BLOCK_N == 256): returns (h_q (P, N/2) fp8,
+    swiglu=True (gate/up, b = w13 of pack_experts(..., interleave=64), N % 256 == 0, BLOCK_N == 256): returns (h_q (P, N/2) fp8,
       h_scale_t (N/256, P) float32), SwiGLU of the gate/up halves rounded to ``out_dtype`` and quantized
       in 1x128 groups; padding rows (sorted_ids[p] >= num_valid) are zeros with scale 1.
     swiglu=False (down): returns y (P, N) ``out_dtype``, row p = the expert output of padded row p;
@@ -494,10 +523,10 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
     c, cs = (outs[0], outs[1]) if swiglu else (outs[0], outs[0])
     if p == 0:
         return (c, cs) if swiglu else c
-    b_rows = cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N
+    b_rows = cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N  # swiglu: one half (64 gate + 64 up rows) per load
     a_d = TD.from_tensor(a, [cfg.BLOCK_M, cfg.BLOCK_K])
     b_d = TD.from_tensor(b.view(e * n, k), [b_rows, cfg.BLOCK_K])
-    c_d = TD.from_tensor(c, [cfg.BLOCK_M, b_rows])
+    c_d = TD.from_tensor(c, [cfg.BLOCK_M, BLOCK // 2 if swiglu else cfg.BLOCK_N])
     args = (a_d, a_scale_t, b_d, b_scale, sorted_ids, block_expert, used_blocks, c_d, cs,
             p, n, k, num_valid, b_scale.stride(0), b_scale.stride(1))
     meta = dict(SWIGLU=swiglu, ACT=_ACT_CODE[out_dtype], ALIGN_M=align_m, SW_ROUND=sw_round(),
@@ -577,8 +606,8 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     """Routed experts, block FP8: x (T, d) bf16/fp16; topk_ids (T, k) int; topk_weights (T, k) float32
     -> (T, d) in x.dtype. Same result as ReferenceBackend.experts within the kernels' tolerance.
     layout: "sorted" (quantize x into expert-sorted rows, persistent TMA GEMMs, gather in the combine;
-    needs sorted_path_ok), "gather" (the GEMM gathers token rows, the down GEMM scatters its output),
-    or "auto" (sorted where it applies)."""
+    needs sorted_path_ok and packed.interleave == 64), "gather" (the GEMM gathers token rows, the down
+    GEMM scatters its output; needs interleave 128), or "auto" (sorted where it applies)."""
     t, d = x.shape
     k = topk_ids.shape[1]
     e = packed.num_experts
@@ -587,8 +616,10 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     cfg2 = config_down or default_config(KERNEL_NAME, rows_per_expert, d, packed.inter, gate_up=False)
     align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
     if layout == "auto":
-        layout = "sorted" if sorted_path_ok(d, packed.inter, x.dtype) else "gather"
+        layout = "sorted" if sorted_path_ok(d, packed.inter) and packed.interleave == 64 else "gather"
     if layout == "sorted":
+        if packed.interleave != 64:
+            raise ValueError("the sorted layout needs experts packed with interleave=64")
         sorted_ids, block_expert, pos, used = moe_align(topk_ids, e, align_m, with_pos=True)
         p = sorted_ids.numel()
         xq, xs = per_group_quant_sorted(x, pos, p)
@@ -600,6 +631,8 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         return combine_topk(y, topk_weights, pos)
     if layout != "gather":
         raise ValueError(f"layout must be 'auto', 'sorted' or 'gather', got {layout!r}")
+    if packed.interleave != 128:
+        raise ValueError("the gather layout needs experts packed with interleave=128")
     xq, xs = per_group_quant(x)
     sorted_ids, block_expert = moe_align(topk_ids, e, align_m)
     hq, hs = grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sorted_ids, block_expert, topk=k,

@@ -151,13 +151,14 @@ def test_config_constraints_are_enforced():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t,k", list(itertools.product([1, 7, 83, 2048], [3])))
-def test_fused_experts_vs_reference_backend_cuda(t, k):
+@pytest.mark.parametrize("t,k,interleave", list(itertools.product([1, 7, 83, 2048], [3], [64, 128])))
+def test_fused_experts_vs_reference_backend_cuda(t, k, interleave):
+    """Both layouts (interleave 64: sorted, the serving path; 128: gather) at the 4b preset's shapes."""
     e, i, d = 53, 1408, 1408  # 4b preset experts
     ex = _experts(e, i, d, seed=t)
     ids, w = _routing(t, e, k, seed=t)
     x = torch.randn(t, d, device="cuda").to(torch.bfloat16)
-    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=interleave)
     out = gg.fused_experts(x, ids, w, p)
     check(out, ReferenceBackend().experts(x, ids, w, ex), tol=TOL_CHAINED, what=f"experts T={t}")
 
@@ -249,7 +250,7 @@ def test_sorted_stages_against_references(case):
     ex = _experts(e, i, d, seed=sum(case) + 1)
     ids, w = _routing(t, e, k, seed=t + 3)
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16).to(_dev())
-    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=64)
     assert gg.sorted_path_ok(d, i)
     align = 16
     sid, bexp, pos, used = gg.moe_align(ids, e, align, with_pos=True)
@@ -305,13 +306,21 @@ def test_fused_experts_layouts_agree():
     ex = _experts(e, i, d, seed=11)
     ids, w = _routing(t, e, k, seed=12)
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16).to(_dev())
-    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=64)
+    p128 = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
     cfg = dict(config_gate_up=CFG_GU_S, config_down=CFG_DN_S)
-    a = gg.fused_experts(x, ids, w, p, layout="sorted", **cfg)
-    b = gg.fused_experts(x, ids, w, p, layout="gather", **cfg)
+    a = gg.fused_experts(x, ids, w, p, **cfg)  # auto: sorted (aligned rows, interleave 64)
+    b = gg.fused_experts(x, ids, w, p128, **cfg)  # auto: gather (interleave 128)
+    with pytest.raises(ValueError, match="interleave=64"):
+        gg.fused_experts(x, ids, w, p128, layout="sorted", **cfg)
+    with pytest.raises(ValueError, match="interleave=128"):
+        gg.fused_experts(x, ids, w, p, layout="gather", **cfg)
     check(a.cpu(), b.cpu(), what="sorted vs gather layout")
     ref = ReferenceBackend().experts(x, ids, w, ex)
     check(a.cpu(), ref.cpu(), tol=TOL_CHAINED, what="sorted layout vs reference backend")
     assert not gg.sorted_path_ok(200, 150)  # unaligned rows take the gather layout
+    w64 = p.w13.cpu().float()  # interleave 64: gate rows 0-63, up rows 0-63, gate 64-127, ...
+    assert torch.equal(w64[1, 64:128], ex.up[1, :64].cpu().float())
+    assert torch.equal(w64[1, 128:192], ex.gate[1, 64:128].cpu().float())
     with pytest.raises(ValueError, match="layout"):
         gg.fused_experts(x, ids, w, p, layout="nope", **cfg)

@@ -81,17 +81,31 @@ def _space(p: Problem):
     raise ValueError(f"no tunable kernel {p.kernel!r}")
 
 
+def _sorted_gate_up(p: Problem) -> bool:
+    """The fused gate/up GEMM on the sorted-layout kernel (what fused_experts runs where its rows are
+    aligned): a 256-row tile computed as two 128-row halves, so operands and accumulator are half-width."""
+    if p.kernel != "fp8_grouped_gemm" or not p.swiglu:
+        return False
+    from fp8conv.kernels.grouped_gemm import sorted_path_ok
+
+    return sorted_path_ok(p.k, p.n // 2)
+
+
 def shared_bytes(p: Problem, c: KernelConfig) -> int:
     """Shared memory of one program: the FP8 operand ring, plus for fp8_gemm the bf16 tile its TMA store
     stages (the grouped GEMM stores from registers; its layout conversions reuse the ring)."""
-    ring = c.num_stages * (c.BLOCK_M + c.BLOCK_N) * c.BLOCK_K
+    bn = c.BLOCK_N // 2 if _sorted_gate_up(p) else c.BLOCK_N
+    ring = c.num_stages * (c.BLOCK_M + bn) * c.BLOCK_K
     epilogue = c.BLOCK_M * c.BLOCK_N * 2 if p.kernel == "fp8_gemm" else 0
     return ring + epilogue
 
 
 def acc_regs(p: Problem, c: KernelConfig) -> int:
     """fp32 accumulator registers per thread; two accumulators where each K block's product is added
-    separately (the grouped GEMM always, fp8_gemm's promotion from PROMOTE_MIN_K)."""
+    separately (the grouped GEMM always, fp8_gemm's promotion from PROMOTE_MIN_K). The sorted gate/up
+    kernel holds a half-width accumulator pair plus the first half's 64 SwiGLU columns."""
+    if _sorted_gate_up(p):
+        return (c.BLOCK_M * (c.BLOCK_N // 2) * 2 + c.BLOCK_M * 64) // (32 * c.num_warps)
     two = p.kernel == "fp8_grouped_gemm" or p.k >= PROMOTE_MIN_K
     return c.BLOCK_M * c.BLOCK_N * (2 if two else 1) // (32 * c.num_warps)
 

@@ -287,7 +287,7 @@ class KernelBench:
         from fp8conv.kernels.grouped_gemm import sorted_path_ok
 
         d, inter = (p.k, p.n // 2) if p.swiglu else (p.n, p.k)
-        s.update(ids=ids, rows=rows, align={}, sorted=sorted_path_ok(d, inter, OUT_DTYPE))
+        s.update(ids=ids, rows=rows, align={}, sorted=sorted_path_ok(d, inter))
         if p.swiglu:
             gate = torch.randn(e, inter, d, device=dev) * 0.05
             up = torch.randn(e, inter, d, device=dev) * 0.05
@@ -297,7 +297,7 @@ class KernelBench:
 
             dummy = torch.zeros(e, d, inter, device=dev).to(torch.float8_e4m3fn)
             ds = torch.ones(e, -(-d // fp8.BLOCK), -(-inter // fp8.BLOCK), device=dev)
-            packed = pack_experts(gq, uq, dummy, gs, us, ds)
+            packed = pack_experts(gq, uq, dummy, gs, us, ds, interleave=64 if s["sorted"] else 128)
             w, ws = packed.w13, packed.s13
             x = torch.randn(t, d, device=dev, dtype=OUT_DTYPE)
             xq, xs = fp8.quantize_per_group(x)
