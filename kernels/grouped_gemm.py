@@ -419,15 +419,17 @@ def _grouped_sorted_kernel(
             g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, HALF)), (0, 2, 1)))
             valid = tl.load(sid_ptr + offs_m) < num_valid
             h = _swiglu(g, u, valid, ACT)
-            if part == 0:
-                h_lo = h
-            else:
-                scale = fp8_scale(tl.maximum(tl.max(tl.abs(h_lo), axis=1), tl.max(tl.abs(h), axis=1)))
-                q_lo = quantize_values(h_lo, scale[:, None], ACT != 2, SW_ROUND)
-                q_hi = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)
-                c_desc.store([off_m, pid_n * (2 * HALF)], q_lo.to(c_desc.dtype))
-                c_desc.store([off_m, pid_n * (2 * HALF) + HALF], q_hi.to(c_desc.dtype))
-                tl.store(cs_ptr + pid_n * P + offs_m, scale)
+            # written at the second half (h_lo: the first half's columns, the previous item's h); the
+            # first half's stores land past row P, where TMA drops them -- Triton 3.6's loop fusion
+            # failed on stores under an `if` here (and on an h_lo assigned under one)
+            scale = fp8_scale(tl.maximum(tl.max(tl.abs(h_lo), axis=1), tl.max(tl.abs(h), axis=1)))
+            q_lo = quantize_values(h_lo, scale[:, None], ACT != 2, SW_ROUND)
+            q_hi = quantize_values(h, scale[:, None], ACT != 2, SW_ROUND)
+            row_out = off_m + (1 - part) * P
+            c_desc.store([row_out, pid_n * (2 * HALF)], q_lo.to(c_desc.dtype))
+            c_desc.store([row_out, pid_n * (2 * HALF) + HALF], q_hi.to(c_desc.dtype))
+            tl.store(cs_ptr + pid_n * P + offs_m, scale, mask=(offs_m < P) & (part == 1))
+            h_lo = h
         else:
             row0 = expert * N + pid_n * BLOCK_N
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
