@@ -428,7 +428,7 @@ def _grouped_sorted_kernel(
             row_out = off_m + (1 - part) * P
             c_desc.store([row_out, pid_n * (2 * HALF)], q_lo.to(c_desc.dtype))
             c_desc.store([row_out, pid_n * (2 * HALF) + HALF], q_hi.to(c_desc.dtype))
-            tl.store(cs_ptr + pid_n * P + offs_m, scale, mask=(offs_m < P) & (part == 1))
+            tl.store(cs_ptr + pid_n * P + offs_m, scale, mask=offs_m < part * P)  # second half only
             h_lo = h
         else:
             row0 = expert * N + pid_n * BLOCK_N
