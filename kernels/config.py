@@ -95,11 +95,24 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
     if kernel == "fp8_grouped_gemm":
         # n is the packed weight's rows: 2 * I_padded for gate/up (SwiGLU fused), d for down.
         # Each K block's product is scaled into the accumulator, so a tile needs two accumulators'
-        # worth of registers: 128 x 256 at 8 warps spills (measured 0.27x _grouped_mm on an H100),
-        # hence BLOCK_M 64 for the 256-wide gate/up tiles.
-        if (n > k) if gate_up is None else gate_up:
+        # worth of registers. Two kernels (kernels/grouped_gemm.py): the persistent sorted-layout one
+        # where rows are 16-byte aligned (d % 16 == 0 and I % 16 == 0: fused_experts' serving path), the
+        # gather-layout one elsewhere. H100 sweep at 49152 rows (docs/benchmarks.md, fifth run):
+        gu = (n > k) if gate_up is None else gate_up
+        sorted_layout = (k % 16 == 0 and (n // 2) % 16 == 0) if gu else (n % 16 == 0 and k % 16 == 0)
+        if gu and sorted_layout:
+            # sorted gate/up computes a 256-row tile as two 128-row halves: 64 x 256, 4 warps, 3 stages,
+            # two programs per SM (690 us; 128 x 256 at 8 warps 700 us; 64 x 256 at 8 warps, whose
+            # warpgroups split the 128-wide dot into 64-wide ones, 1241 us)
+            return KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+        if gu:
+            # gather gate/up: two 128-wide accumulators; 128 x 256 at 8 warps and 4 warps spill
             return KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
-        # down: 64x128, 4 warps, 3 stages with TMA measured best at 49152 rows (1.16x _grouped_mm bf16)
+        if sorted_layout and m >= 512:
+            # sorted down: 128 x 128, 8 warps, 3 stages, one program per SM (306-311 us; 64 x 128 at 4
+            # warps, two per SM, 317-320 us and less padding where experts get few rows)
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+        # down: 64x128, 4 warps, 3 stages (gather layout with TMA: 1.16x _grouped_mm bf16 at 49152 rows)
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if kernel == "act_quant":
         # rows per program (BLOCK_M, a power of two) so that a program holds ~4-8K lanes: a row computes
