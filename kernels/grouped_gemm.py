@@ -274,6 +274,36 @@ def _grouped_gemm_block_fp8_kernel(
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
+def _check_common(a, b, sorted_ids, swiglu: bool, out_dtype, align_m, config):
+    """The checks both grouped launchers share; returns (config, align_m) with their defaults filled in."""
+    cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
+                                   b.shape[1], b.shape[2], gate_up=swiglu)
+    align_m = align_m or cfg.BLOCK_M
+    if cfg.BLOCK_K != BLOCK:
+        raise ValueError(f"the block-scaled grouped GEMM needs BLOCK_K == 128 (one scale block per K "
+                         f"step), got {cfg.BLOCK_K}")
+    if align_m % cfg.BLOCK_M:
+        raise ValueError(f"BLOCK_M {cfg.BLOCK_M} must divide the alignment {align_m} of the sorted rows")
+    for t, name in ((a, "a"), (b, "b")):
+        if t.dtype != torch.float8_e4m3fn:
+            raise ValueError(f"Expected {name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
+    if out_dtype not in _ACT_CODE:
+        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    return cfg, align_m
+
+
+def _outputs(want: list, out, swiglu: bool, device) -> tuple:
+    """(c, cs): new tensors of ``want``'s (shape, dtype)s, or the caller's ``out`` after checking it
+    (cs is c again for the down GEMM)."""
+    if out is None:
+        outs = [torch.empty(shape, dtype=dt, device=device) for shape, dt in want]
+    else:
+        outs = list(out) if swiglu else [out]
+        if [(tuple(o.shape), o.dtype) for o in outs] != want or not all(o.is_contiguous() for o in outs):
+            raise ValueError(f"out must be contiguous tensors of (shape, dtype) {want}")
+    return (outs[0], outs[1]) if swiglu else (outs[0], outs[0])
+
+
 def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                            sorted_ids: torch.Tensor, block_expert: torch.Tensor, *, topk: int,
                            swiglu: bool, out_dtype: torch.dtype = torch.bfloat16, align_m: int | None = None,
@@ -296,19 +326,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
     Strides: a, a_scale unit column stride. Any K (masked); BLOCK_K must be 128; swiglu needs
     BLOCK_N == 256; BLOCK_M must divide align_m (default: config.BLOCK_M).
     """
-    cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
-                                   b.shape[1], b.shape[2], gate_up=swiglu)
-    align_m = align_m or cfg.BLOCK_M
-    if cfg.BLOCK_K != BLOCK:
-        raise ValueError(f"the block-scaled grouped GEMM needs BLOCK_K == 128 (one scale block per K "
-                         f"step), got {cfg.BLOCK_K}")
-    if align_m % cfg.BLOCK_M:
-        raise ValueError(f"BLOCK_M {cfg.BLOCK_M} must divide the alignment {align_m} of the sorted rows")
-    for t, name in ((a, "a"), (b, "b")):
-        if t.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"Expected {name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
-    if out_dtype not in _ACT_CODE:
-        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    cfg, align_m = _check_common(a, b, sorted_ids, swiglu, out_dtype, align_m, config)
     e, n, k = b.shape
     b, b_scale = b.contiguous(), b_scale.contiguous()
     if tuple(b_scale.shape) != (e, triton.cdiv(n, BLOCK), triton.cdiv(k, BLOCK)):
@@ -329,13 +347,7 @@ def grouped_gemm_block_fp8(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tens
         want = [((p, n // 2), torch.float8_e4m3fn), ((p, n // (2 * BLOCK)), torch.float32)]
     else:
         want = [((num_valid, n), out_dtype)]
-    if out is None:
-        outs = [torch.empty(shape, dtype=dt, device=a.device) for shape, dt in want]
-    else:
-        outs = list(out) if swiglu else [out]
-        if [(tuple(o.shape), o.dtype) for o in outs] != want or not all(o.is_contiguous() for o in outs):
-            raise ValueError(f"out must be contiguous tensors of (shape, dtype) {want}")
-    c, cs = (outs[0], outs[1]) if swiglu else (outs[0], outs[0])
+    c, cs = _outputs(want, out, swiglu, a.device)
     if p == 0:
         return (c, cs) if swiglu else c
     grid = ((p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
@@ -476,19 +488,7 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
     Rows of unused blocks (past used_blocks) are not written.
     programs_per_sm: the persistent grid's programs per SM (None: as many as fit, _programs_per_sm).
     """
-    cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
-                                   b.shape[1], b.shape[2], gate_up=swiglu)
-    align_m = align_m or cfg.BLOCK_M
-    if cfg.BLOCK_K != BLOCK:
-        raise ValueError(f"the block-scaled grouped GEMM needs BLOCK_K == 128 (one scale block per K "
-                         f"step), got {cfg.BLOCK_K}")
-    if align_m % cfg.BLOCK_M:
-        raise ValueError(f"BLOCK_M {cfg.BLOCK_M} must divide the alignment {align_m} of the sorted rows")
-    for t, name in ((a, "a"), (b, "b")):
-        if t.dtype != torch.float8_e4m3fn:
-            raise ValueError(f"Expected {name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
-    if out_dtype not in _ACT_CODE:
-        raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    cfg, align_m = _check_common(a, b, sorted_ids, swiglu, out_dtype, align_m, config)
     TD = _tensor_descriptor()
     if TD is None:
         raise RuntimeError("grouped_gemm_sorted needs Triton tensor descriptors (Triton >= 3.4)")
@@ -516,13 +516,7 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
         if (n * torch.empty((), dtype=out_dtype).element_size()) % 16:
             raise ValueError(f"the down GEMM's output rows must be a multiple of 16 bytes, got N={n} {out_dtype}")
         want = [((p, n), out_dtype)]
-    if out is None:
-        outs = [torch.empty(shape, dtype=dt, device=a.device) for shape, dt in want]
-    else:
-        outs = list(out) if swiglu else [out]
-        if [(tuple(o.shape), o.dtype) for o in outs] != want or not all(o.is_contiguous() for o in outs):
-            raise ValueError(f"out must be contiguous tensors of (shape, dtype) {want}")
-    c, cs = (outs[0], outs[1]) if swiglu else (outs[0], outs[0])
+    c, cs = _outputs(want, out, swiglu, a.device)
     if p == 0:
         return (c, cs) if swiglu else c
     b_rows = cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N  # swiglu: one half (64 gate + 64 up rows) per load

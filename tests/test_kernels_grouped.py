@@ -79,6 +79,21 @@ def test_moe_align(t, e, k, align):
     assert not used[used.long().argmin():].any() or used.all()  # used blocks come first
 
 
+def _h_ref(ex, xd, sid, flat, n_valid, k, ip):
+    """The gate/up GEMM's SwiGLU output for every padded row (zeros for padding), from dequantized token
+    activations xd: gate/up outputs rounded to bf16, then SwiGLU's, as the kernels round."""
+    h_ref = torch.zeros(sid.numel(), ip, dtype=torch.bfloat16)
+    i = ex.gate.shape[1]
+    for r in range(sid.numel()):
+        tok = sid[r].item()
+        if tok < n_valid:
+            ei, row = flat[tok].item(), tok // k
+            gt = (xd[row] @ fp8.dequantize(ex.gate[ei].cpu(), ex.gate_scale[ei].cpu()).t()).to(torch.bfloat16)
+            ut = (xd[row] @ fp8.dequantize(ex.up[ei].cpu(), ex.up_scale[ei].cpu()).t()).to(torch.bfloat16)
+            h_ref[r, :i] = (F.silu(gt.float()) * ut.float()).to(torch.bfloat16)
+    return h_ref
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_stages_against_references(case):
     e, i, d, t, k = case
@@ -97,16 +112,7 @@ def test_stages_against_references(case):
     # reference h for every padded row, from the same inputs (padding rows must be exact zeros)
     xd = fp8.dequantize(xq.cpu(), xs.cpu())
     flat = ids.reshape(-1).cpu()
-    h_ref = torch.zeros(n_rows, ip, dtype=torch.bfloat16)
-    for r in range(n_rows):
-        tok = sid[r].item()
-        if tok < t * k:
-            ei, row = flat[tok].item(), tok // k
-            gw = fp8.dequantize(ex.gate[ei].cpu(), ex.gate_scale[ei].cpu())
-            uw = fp8.dequantize(ex.up[ei].cpu(), ex.up_scale[ei].cpu())
-            gt = (xd[row] @ gw.t()).to(torch.bfloat16).float()
-            ut = (xd[row] @ uw.t()).to(torch.bfloat16).float()
-            h_ref[r, :i] = (F.silu(gt) * ut).to(torch.bfloat16)
+    h_ref = _h_ref(ex, xd, sid, flat, t * k, k, ip)
     # rows of blocks no expert uses (past the last used block) are never read and not written
     used = (bexp.cpu() >= 0).repeat_interleave(align)
     check_quant(hq.cpu()[used], hs.cpu()[used], h_ref[used], True, f"gate_up+swiglu+quant {case}")
@@ -267,14 +273,7 @@ def test_sorted_stages_against_references(case):
     xr, xsr = fp8.quantize_per_group(x.cpu())
     xd = fp8.dequantize(xr, xsr)
     flat = ids.reshape(-1).cpu()
-    h_ref = torch.zeros(n_rows, ip, dtype=torch.bfloat16)
-    for r in range(n_rows):
-        tok = sid[r].item()
-        if tok < t * k:
-            ei, row = flat[tok].item(), tok // k
-            gt = (xd[row] @ fp8.dequantize(ex.gate[ei].cpu(), ex.gate_scale[ei].cpu()).t()).to(torch.bfloat16)
-            ut = (xd[row] @ fp8.dequantize(ex.up[ei].cpu(), ex.up_scale[ei].cpu()).t()).to(torch.bfloat16)
-            h_ref[r, :i] = (F.silu(gt.float()) * ut.float()).to(torch.bfloat16)
+    h_ref = _h_ref(ex, xd, sid, flat, t * k, k, ip)
     used_rows = (bexp.cpu() >= 0).repeat_interleave(align)
     assert used_rows.sum() == used.item() * align
     hs_rows = hs.cpu().t()
