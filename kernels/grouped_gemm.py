@@ -1,17 +1,25 @@
 """Block-scaled FP8 grouped GEMM for the routed experts of one MoE layer, and the steps around it.
 
-The pipeline (``fused_experts``), for T tokens routed to top-k of E experts:
+The pipeline (``fused_experts``), for T tokens routed to top-k of E experts, in one of two layouts.
 
-1. ``per_group_quant(x)``: 1x128-group FP8 activations, once per token (not per routed copy).
-2. ``moe_align``: sort the T*k (token, slot) pairs by expert and pad each expert's segment to a multiple
-   of ALIGN_M rows, with torch ops and no host synchronisation (buffers are sized for the worst case).
-3. ``grouped_gemm_block_fp8(..., swiglu=True)``: one launch for every expert's gate and up projection
-   against the packed [E, 2*Ip, d] weight (gate and up interleaved in 128-row blocks, see
-   ``pack_experts``); the epilogue applies SwiGLU and quantizes the result in 1x128 groups, so the
-   down projection's input is written once, as FP8.
-4. ``grouped_gemm_block_fp8(..., swiglu=False)``: one launch for the down projections; each row lands
-   at its (token, slot) row of a (T*k, d) buffer.
-5. ``combine_topk``: out[t] = sum_j w[t, j] * y[t*k + j], summed in float32 (deterministic, no atomics).
+Sorted layout (the serving path wherever d and I are multiples of 16; experts packed with
+``interleave=64``):
+
+1. ``moe_align(..., with_pos=True)``: sort the T*k (token, slot) pairs by expert and pad each expert's
+   segment to a multiple of ALIGN_M rows, with torch ops and no host synchronisation (buffers are sized
+   for the worst case); pos = the padded row of each pair, and the count of used blocks.
+2. ``act_quant.per_group_quant_sorted(x, pos)``: 1x128-group FP8 activations, quantized once per token
+   and stored at each of its padded rows, so the GEMMs read A through TMA.
+3. ``grouped_gemm_sorted(..., swiglu=True)``: persistent, one launch for every expert's gate and up
+   projection against the packed [E, 2*Ip, d] weight; the epilogue applies SwiGLU and quantizes the
+   result in 1x128 groups, so the down projection's input is written once, as FP8.
+4. ``grouped_gemm_sorted(..., swiglu=False)``: the down projections, rows written in padded order.
+5. ``combine_topk(y, w, pos)``: out[t] = sum_j w[t, j] * y[pos[t, j]], summed in float32 (deterministic,
+   no atomics).
+
+Gather layout (the fallback; ``interleave=128``): ``per_group_quant(x)`` per token, then
+``grouped_gemm_block_fp8`` (gate/up gathering the token rows with pointer loads; down scattering its
+rows to (token, slot) order), then ``combine_topk(y, w)``.
 
 Numerics follow the reference backend: gate/up outputs are rounded to the activation dtype before
 SwiGLU, SwiGLU's output is rounded before its quantization, each expert's output is rounded before the
