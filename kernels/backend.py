@@ -3,6 +3,8 @@
 Dispatch, per call:
 - ``linear`` / ``norm_linear``: ``channel`` weights -> fused (RMSNorm +) per-token quantization, then
   the FP8 GEMM. Unquantized (``none``) and dense ``block`` weights -> the reference path.
+- ``norm_linears`` (the self-attention's q, k, v): all ``channel`` -> one fused RMSNorm + quantization
+  of x and one GEMM against the weights side by side (concatenated at first use). Else per-Linear.
 - ``swiglu_mlp``: all three ``channel`` -> one quantization of x, one GEMM for gate and up together
   (weights concatenated at first use), fused SwiGLU + quantization, the down GEMM. Else per-Linear.
 - ``experts``: block-FP8 experts -> the grouped pipeline (grouped_gemm.fused_experts) on weights
@@ -95,6 +97,30 @@ class TritonBackend(ReferenceBackend):
         x2 = x.reshape(-1, x.shape[-1])
         q, s = act_quant.rmsnorm_quant(x2, norm_weight, eps)
         return self._gemm(q, s, w, x.dtype).reshape(*x.shape[:-1], -1)
+
+    def norm_linears(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     ws: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
+        """One fused RMSNorm + per-token quantization of x and one GEMM against the weights
+        concatenated along N (cached at first use); the outputs are column views of its result. The
+        same numbers as norm_linear per weight: the quantized x and each output channel's weight and
+        scale are the same."""
+        k = x.shape[-1]
+        if not (self._on(x) and self._channel_fp8(*ws) and all(w.weight.shape[1] == k for w in ws)):
+            self.calls["norm_linears.split"] += 1
+            return super().norm_linears(x, norm_weight, eps, ws)  # per-Linear dispatch
+        self.calls["norm_linears.fp8"] += 1
+        wcat = self._cached(tuple(ws), lambda: (
+            torch.cat([w.weight.view(torch.uint8) for w in ws]).view(torch.float8_e4m3fn),
+            torch.cat([w.scale.reshape(-1, 1) for w in ws]).float().contiguous()))
+        x2 = x.reshape(-1, k)
+        q, s = act_quant.rmsnorm_quant(x2, norm_weight, eps)
+        out = self._gemm(q, s, wcat, x.dtype)  # (M, sum of N)
+        outs, lo = [], 0
+        for w in ws:
+            n = w.weight.shape[0]
+            outs.append(out[:, lo:lo + n].reshape(*x.shape[:-1], n))  # views: the last dim stays unit-stride
+            lo += n
+        return tuple(outs)
 
     def swiglu_mlp(self, x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:
         if not (self._on(x) and self._channel_fp8(gate, up, down) and gate.weight.shape == up.weight.shape):

@@ -79,6 +79,17 @@ def test_dispatch_under_interpreter():
     be.swiglu_mlp(x, gate, up, down)  # second call: the packed gate/up weight comes from the cache
     assert be.calls == {"linear.fp8": 2, "norm_linear.fp8": 1, "linear.reference": 2, "swiglu_mlp.fp8": 2}
     assert len(be._packed) == 1
+    # q, k, v from one normalized input: one quantization, one GEMM over the weights side by side, the
+    # same numbers as norm_linear per weight (same quantized x, same channels, same K order)
+    lk, lv = _lin(16, 128, g), _lin(16, 128, g)
+    outs = be.norm_linears(x, norm_w, 1e-6, (lc, lk, lv))
+    for o, w in zip(outs, (lc, lk, lv)):
+        torch.testing.assert_close(o, be.norm_linear(x, norm_w, 1e-6, w), rtol=0, atol=0)
+    refs = ref.norm_linears(x, norm_w, 1e-6, (lc, lk, lv))
+    assert [tuple(o.shape) for o in outs] == [tuple(r.shape) for r in refs] == [(5, 48), (5, 16), (5, 16)]
+    assert be.calls["norm_linears.fp8"] == 1 and len(be._packed) == 2
+    be.norm_linears(x, norm_w, 1e-6, (lc, ln))  # an unquantized weight: per-Linear dispatch
+    assert be.calls["norm_linears.split"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter dispatch test (CPU)")
@@ -145,6 +156,7 @@ def test_model_like_sequence_cuda():
     # linear); the chained gate where it quantizes a GEMM's output again (kernels/testing.py says why)
     for i, (name, fn, tol) in enumerate([
             ("norm_linear", lambda b: b.norm_linear(h, norm_w, 1e-6, q), TOL),
+            ("norm_linears", lambda b: torch.cat(b.norm_linears(h, norm_w, 1e-6, (q, o)), dim=-1), TOL),
             ("linear", lambda b: b.linear(h, o), TOL),
             ("swiglu_mlp", lambda b: b.swiglu_mlp(h, gate, up, down), TOL_CHAINED),
             ("experts", lambda b: b.experts(h, ids, w, ex), TOL_CHAINED)]):

@@ -305,8 +305,7 @@ class OneRecModel:
             q = be.norm_linear(h, blk.cross_norm, eps, blk.cross_q).view(n, t, hq, dh)
             a = groups.scatter(be.cross_attention(groups.gather(q), kv.keys[l], kv.values[l], kv.lengths))
             h = h + be.linear(a.reshape(n, t, hq * dh), blk.cross_o)
-            x = be.rms_norm(h, blk.self_norm, eps)
-            q, k, v = (be.linear(x, w) for w in (blk.q, blk.k, blk.v))
+            q, k, v = be.norm_linears(h, blk.self_norm, eps, (blk.q, blk.k, blk.v))
             k, v = k.view(n, t, g, dh), v.view(n, t, g, dh)
             if past is not None:
                 k, v = torch.cat([past[i][0], k], dim=1), torch.cat([past[i][1], v], dim=1)

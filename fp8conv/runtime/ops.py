@@ -109,6 +109,14 @@ class ReferenceBackend:
         """linear(rms_norm(x)). The Triton backend fuses the norm with the activation quantization."""
         return self.linear(rms_norm(x, norm_weight, eps), w)
 
+    def norm_linears(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     ws: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
+        """(linear(rms_norm(x), w) for w in ws): projections that share one normalized input (the
+        self-attention's q, k, v). The Triton backend normalizes and quantizes x once and runs one GEMM
+        against the weights side by side."""
+        xn = self.rms_norm(x, norm_weight, eps)
+        return tuple(self.linear(xn, w) for w in ws)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return rms_norm(x, weight, eps)
 
