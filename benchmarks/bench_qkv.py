@@ -1,8 +1,9 @@
 """The self-attention's q, k, v projections at the 4b preset's widths, three ways, on the GPU:
 
-- bf16: RMSNorm, then three cuBLAS bf16 GEMMs (the unquantized model);
-- fp8 per Linear: RMSNorm, then per Linear a per-token quantization and an FP8 GEMM (the Triton
-  backend before ``norm_linears``: three quantization passes over the same normalized rows);
+- bf16: torch's fused RMSNorm (``F.rms_norm``), then three cuBLAS bf16 GEMMs;
+- fp8 per Linear: the runtime's RMSNorm (ops.rms_norm, float32 in eager torch), then per Linear a
+  per-token quantization and an FP8 GEMM (the Triton backend before ``norm_linears``: three
+  quantization passes over the same normalized rows);
 - fp8 norm_linears: one fused RMSNorm + quantization and one FP8 GEMM over [q; k; v] (the backend now).
 
     python benchmarks/bench_qkv.py [--m 32,512,4096,16384] [--json OUT.json]
@@ -60,7 +61,7 @@ def main(argv=None):
         return be.norm_linears(x, norm_w, eps, tuple(ws))
 
     def bf16(x):
-        xn = rms_norm(x, norm_w, eps)
+        xn = torch.nn.functional.rms_norm(x, (D,), norm_w, eps)
         return tuple(xn @ w.t() for w in wb)
 
     rows = []
