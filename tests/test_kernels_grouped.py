@@ -323,3 +323,23 @@ def test_fused_experts_layouts_agree():
     assert torch.equal(w64[1, 128:192], ex.gate[1, 64:128].cpu().float())
     with pytest.raises(ValueError, match="layout"):
         gg.fused_experts(x, ids, w, p, layout="nope", **cfg)
+
+
+@pytest.mark.parametrize("routing", ["one_expert", "empty"])
+def test_sorted_layout_skewed_and_empty_routing(routing):
+    """The persistent loop's tile count comes from the used blocks on the device: every row to one
+    expert (the others get no blocks), and no tokens at all."""
+    e, i, d, k = 4, 144, 208, 2
+    ex = _experts(e, i, d, seed=21)
+    t = 0 if routing == "empty" else 37
+    ids = torch.stack([torch.tensor([1, 3]) for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.int64)
+    ids, w = ids.to(_dev()), torch.rand(t, k, generator=torch.Generator().manual_seed(22)).to(_dev())
+    x = torch.randn(t, d, generator=torch.Generator().manual_seed(23)).to(torch.bfloat16).to(_dev())
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=64)
+    sid, bexp, pos, used = gg.moe_align(ids, e, 16, with_pos=True)
+    assert used.item() == (2 * -(-t // 16) if t else 0)
+    out = gg.fused_experts(x, ids, w, p, config_gate_up=CFG_GU_S, config_down=CFG_DN_S)
+    assert out.shape == (t, d)
+    if t:
+        ref = ReferenceBackend().experts(x, ids, w, ex)
+        check(out.cpu(), ref.cpu(), tol=TOL_CHAINED, what=f"sorted layout, {routing}")
