@@ -69,6 +69,13 @@ class TritonBackend(ReferenceBackend):
                 weakref.finalize(o, self._packed.pop, key, None)
         return hit
 
+    def _side_by_side(self, *ws: Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, scale) of ``channel`` FP8 Linears concatenated along N, one GEMM's operand for all
+        of them (cached per tuple of Linears)."""
+        return self._cached(ws, lambda: (
+            torch.cat([w.weight.view(torch.uint8) for w in ws]).view(torch.float8_e4m3fn),
+            torch.cat([w.scale.reshape(-1, 1) for w in ws]).float().contiguous()))
+
     @staticmethod
     def _channel_fp8(*ws: Linear) -> bool:
         return all(w.scheme == "channel" and w.weight.dtype == torch.float8_e4m3fn for w in ws)
@@ -109,9 +116,7 @@ class TritonBackend(ReferenceBackend):
             self.calls["norm_linears.split"] += 1
             return super().norm_linears(x, norm_weight, eps, ws)  # per-Linear dispatch
         self.calls["norm_linears.fp8"] += 1
-        wcat = self._cached(tuple(ws), lambda: (
-            torch.cat([w.weight.view(torch.uint8) for w in ws]).view(torch.float8_e4m3fn),
-            torch.cat([w.scale.reshape(-1, 1) for w in ws]).float().contiguous()))
+        wcat = self._side_by_side(*ws)
         x2 = x.reshape(-1, k)
         q, s = act_quant.rmsnorm_quant(x2, norm_weight, eps)
         out = self._gemm(q, s, wcat, x.dtype)  # (M, sum of N)
@@ -127,9 +132,7 @@ class TritonBackend(ReferenceBackend):
             self.calls["swiglu_mlp.split"] += 1
             return super().swiglu_mlp(x, gate, up, down)  # per-Linear dispatch
         self.calls["swiglu_mlp.fp8"] += 1
-        w13 = self._cached((gate, up), lambda: (
-            torch.cat([gate.weight.view(torch.uint8), up.weight.view(torch.uint8)]).view(torch.float8_e4m3fn),
-            torch.cat([gate.scale, up.scale]).float().contiguous()))
+        w13 = self._side_by_side(gate, up)
         inter = gate.weight.shape[0]
         x2 = x.reshape(-1, x.shape[-1])
         q, s = act_quant.per_token_quant(x2)

@@ -47,6 +47,13 @@ PROMOTE_MIN_K = 2048
 PROMOTE_DEFAULT = 2
 
 
+def sorted_rows_aligned(d: int, inter: int) -> bool:
+    """Whether the grouped GEMMs' rows are 16-byte aligned for TMA (x and y rows of d, the down weight's
+    rows of inter FP8 bytes): the sorted-layout kernels' condition besides Triton having tensor
+    descriptors (grouped_gemm.sorted_path_ok)."""
+    return d % 16 == 0 and inter % 16 == 0
+
+
 def group_tiles(k: int, group: int = 128) -> tuple[int, int]:
     """(NH, NT) of the act_quant kernel: a row's ceil(k / group) groups split into a power-of-two head
     and a tail padded to a power of two (0 if none)."""
@@ -99,7 +106,8 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         # where rows are 16-byte aligned (d % 16 == 0 and I % 16 == 0: fused_experts' serving path), the
         # gather-layout one elsewhere. H100 sweep at 49152 rows (docs/benchmarks.md, fifth run):
         gu = (n > k) if gate_up is None else gate_up
-        sorted_layout = (k % 16 == 0 and (n // 2) % 16 == 0) if gu else (n % 16 == 0 and k % 16 == 0)
+        # (gate/up sees only the padded width n // 2, always aligned: its own d decides)
+        sorted_layout = sorted_rows_aligned(k, n // 2) if gu else sorted_rows_aligned(n, k)
         if gu and sorted_layout:
             # sorted gate/up computes a 256-row tile as two 128-row halves: 64 x 256, 4 warps, 3 stages,
             # two programs per SM (690 us; 128 x 256 at 8 warps 700 us; 64 x 256 at 8 warps, whose

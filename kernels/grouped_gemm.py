@@ -37,7 +37,7 @@ import triton.language as tl
 
 from fp8conv.kernels.act_quant import (fp8_scale, per_group_quant, per_group_quant_sorted, quantize_values,
                                        round_to, sw_round)
-from fp8conv.kernels.config import KernelConfig, default_config
+from fp8conv.kernels.config import KernelConfig, default_config, sorted_rows_aligned
 # the persistent-loop helpers are fp8_gemm's (tile swizzle, SM count, tensor-descriptor import)
 from fp8conv.kernels.fp8_gemm import _num_sms, _tensor_descriptor, _tile_coords
 
@@ -196,14 +196,8 @@ def _grouped_gemm_block_fp8_kernel(
     ALIGN_M: tl.constexpr, SW_ROUND: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    num_pid_m = tl.num_programs(0) // tl.cdiv(N, BLOCK_N)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    width = GROUP_M * num_pid_n
-    first_m = (pid // width) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.num_programs(0) // num_pid_n, num_pid_n, GROUP_M)
 
     expert = tl.load(bexp_ptr + (pid_m * BLOCK_M) // ALIGN_M).to(tl.int64)
     if expert < 0:
@@ -470,9 +464,9 @@ def _grouped_sorted_kernel(
 
 def sorted_path_ok(d: int, inter: int) -> bool:
     """Whether fused_experts can take the persistent sorted-layout kernels for hidden size d and expert
-    width inter: TMA descriptors (Triton >= 3.4) and 16-byte aligned rows for x, both weights and y
-    (d % 16 == 0 and inter % 16 == 0). Pack the experts with interleave=64 where this holds."""
-    return _tensor_descriptor() is not None and d % 16 == 0 and inter % 16 == 0
+    width inter: TMA descriptors (Triton >= 3.4) and 16-byte aligned rows (config.sorted_rows_aligned).
+    Pack the experts with interleave=64 where this holds."""
+    return _tensor_descriptor() is not None and sorted_rows_aligned(d, inter)
 
 
 def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
