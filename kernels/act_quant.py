@@ -134,7 +134,23 @@ def _swiglu_tile(g, u_ptr, rows, stride_u, cols, rmask, K):
 
 
 @triton.jit
+def _sum_squares(x):
+    """Per row of a (rows, groups, GS) tile: the sum of its squares in float32 (masked lanes hold 0)."""
+    xf = x.to(tl.float32)
+    return tl.sum(tl.sum(xf * xf, axis=2), axis=1)
+
+
+@triton.jit
+def _rms_inv(ss, K, eps):
+    """1 / sqrt(ss / K + eps) from the rows' sums of squares: ops.rms_norm's rsqrt(mean(x^2) + eps) as
+    torch computes it on the CPU (the sum divided by K, then 1 / sqrt), with IEEE division and square
+    root (Triton's ``/`` on float32 is approximate). ``K * 1.0``: K may arrive as the constexpr 1."""
+    return tl.div_rn(1.0, tl.sqrt_rn(tl.div_rn(ss, K * 1.0) + eps))
+
+
+@triton.jit
 def _norm_tile(x, w_ptr, cols, inv, K):
+    """(x * inv) * w in float32, rounded to x's dtype: ops.rms_norm's order of the two products."""
     w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     return round_to(x.to(tl.float32) * inv[:, None, None] * w[None, :, :], x.dtype)
 
@@ -161,13 +177,11 @@ def _act_quant_kernel(
     if NT > 0:
         cols_t = NH * GS + tl.arange(0, NT)[:, None] * GS + tl.arange(0, GS)[None, :]
         xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K)
-    if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w
-        yh = xh.to(tl.float32)
-        ss = tl.sum(tl.sum(yh * yh, axis=2), axis=1)
+    if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w (kernels/norm.py: the same, alone)
+        ss = _sum_squares(xh)
         if NT > 0:
-            yt = xt.to(tl.float32)
-            ss += tl.sum(tl.sum(yt * yt, axis=2), axis=1)
-        inv = 1.0 / tl.sqrt_rn(ss / K + eps)
+            ss += _sum_squares(xt)
+        inv = _rms_inv(ss, K, eps)
         yh = _norm_tile(xh, w_ptr, cols_h, inv, K)
         if NT > 0:
             yt = _norm_tile(xt, w_ptr, cols_t, inv, K)

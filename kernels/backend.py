@@ -11,7 +11,10 @@ Dispatch, per call:
   packed at first use. Else the reference.
 - ``topk`` (beam search): kernels/topk.py on CUDA, its config looked up as the GEMMs' are (m = rows,
   n = row length, k = k).
-- attention, norms: inherited from the reference.
+- ``rms_norm`` (the norms before each MLP / MoE, before the heads, the context's key/value norms):
+  kernels/norm.py, one pass in float32 with ops.rms_norm's numerics (bf16/fp16/fp32 inputs; else the
+  reference). The reference's ``norm_linear`` / ``norm_linears`` fall back through it too.
+- attention: inherited from the reference.
 
 Kernels run when the input is on CUDA, or on the CPU when Triton's interpreter is on
 (TRITON_INTERPRET=1; the tests use that) and the backend was built with ``allow_interpreter=True``.
@@ -28,7 +31,7 @@ from collections import Counter
 
 import torch
 
-from fp8conv.kernels import act_quant
+from fp8conv.kernels import act_quant, norm
 from fp8conv.kernels.config import KernelConfig, resolve_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
 from fp8conv.kernels.grouped_gemm import KERNEL_NAME as GROUPED, fused_experts, pack_experts, sorted_path_ok
@@ -139,6 +142,14 @@ class TritonBackend(ReferenceBackend):
         gu = self._gemm(q, s, w13, x.dtype)  # (M, 2I)
         hq, hs = act_quant.swiglu_quant(gu[:, :inter], gu[:, inter:])
         return self._gemm(hq, hs, down, x.dtype).reshape(*x.shape[:-1], -1)
+
+    # -- norms --------------------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if not (self._on(x) and x.dtype in norm.DTYPES):
+            self.calls["rms_norm.reference"] += 1
+            return super().rms_norm(x, weight, eps)
+        self.calls["rms_norm.triton"] += 1
+        return norm.rms_norm(x, weight, eps)
 
     # -- beam search --------------------------------------------------------------------------------
     def topk(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,3 +75,43 @@ def ref_gemm_nt(a, a_scale, b, b_scale, out_dtype) -> torch.Tensor:
 def mean_abs_rel(out, ref) -> float:
     e = metrics.mean_rel_error(out, ref)
     return math.nan if e != e else e
+
+
+def ulp_distance(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Elementwise |out - ref| in units in the last place of their dtype (bfloat16, float16, float32) as
+    int64: the distance of their bit patterns ordered like the values (-0.0 and +0.0 both 0), so
+    adjacent values are 1 apart. NaN is not a value here: compare NaN masks first (check_ulps does)."""
+    if out.dtype != ref.dtype or out.shape != ref.shape:
+        raise ValueError(f"ulp_distance needs one dtype and shape, got {out.dtype} {tuple(out.shape)} and "
+                         f"{ref.dtype} {tuple(ref.shape)}")
+
+    def ordered(t):
+        if t.dtype == torch.float32:
+            b = t.contiguous().view(torch.int32).to(torch.int64)
+            return torch.where(b < 0, -(b & 0x7FFFFFFF), b)
+        if t.dtype in (torch.bfloat16, torch.float16):
+            b = t.contiguous().view(torch.int16).to(torch.int64)
+            return torch.where(b < 0, -(b & 0x7FFF), b)
+        raise ValueError(f"ulp_distance: bfloat16, float16 or float32, got {t.dtype}")
+
+    return (ordered(out) - ordered(ref)).abs()
+
+
+def check_ulps(out: torch.Tensor, ref: torch.Tensor, max_ulps: int, min_equal: float = 0.0,
+               what: str = "") -> tuple[int, float]:
+    """NaN exactly where ref has NaN; elsewhere out within ``max_ulps`` of ref and at least ``min_equal``
+    of the elements bit-equal. Returns (worst ulps, fraction bit-equal)."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        raise AssertionError(f"{what}: {tuple(out.shape)} {out.dtype} vs reference "
+                             f"{tuple(ref.shape)} {ref.dtype}")
+    out, ref = out.cpu(), ref.cpu()
+    nan = torch.isnan(ref)
+    if not torch.equal(torch.isnan(out), nan):
+        raise AssertionError(f"{what}: NaN where the reference has none, or the reverse")
+    d = ulp_distance(out[~nan], ref[~nan])
+    worst = int(d.max()) if d.numel() else 0
+    equal = (d == 0).double().mean().item() if d.numel() else 1.0
+    if worst > max_ulps or equal < min_equal:
+        raise AssertionError(f"{what}: up to {worst} ulps from the reference (allowed {max_ulps}), "
+                             f"{equal:.4f} bit-equal (at least {min_equal})")
+    return worst, equal

@@ -115,6 +115,50 @@ def test_experts_dispatch_and_cache_under_interpreter():
     assert all(src == "default" or isinstance(src, str) for src in be.config_sources.values())
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter dispatch test (CPU)")
+def test_rms_norm_dispatch():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 136, generator=g).to(torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(136, generator=g)
+    be = TritonBackend(allow_interpreter=True)
+    torch.testing.assert_close(be.rms_norm(x, w, 1e-6), ReferenceBackend().rms_norm(x, w, 1e-6))
+    be.rms_norm(x.double(), w, 1e-6)  # a dtype the kernel does not take
+    assert be.calls == {"rms_norm.triton": 1, "rms_norm.reference": 1}
+    cpu = TritonBackend()  # no interpreter opt-in: the reference
+    cpu.rms_norm(x, w, 1e-6)
+    assert cpu.calls == {"rms_norm.reference": 1}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter dispatch test (CPU)")
+def test_model_forward_norms_run_the_kernel():
+    """Every RMSNorm of a model forward (context key/value norms, post-attention norms, final norm,
+    the unquantized heads' and projections' norm_linear) goes through the Triton rms_norm; with
+    unquantized weights nothing else differs from the reference backend."""
+    from fp8conv.config import preset
+    from fp8conv.runtime.inputs import synthetic_contexts
+    from fp8conv.runtime.model import OneRecModel, random_state
+
+    cfg = preset("tiny")
+    g = torch.Generator().manual_seed(5)
+    state = random_state(cfg, seed=5)
+    for name, t in state.items():  # the init's norms are all ones
+        if "norm" in name:
+            state[name] = 1 + 0.2 * torch.randn(t.shape, generator=g)
+    be = TritonBackend(allow_interpreter=True)
+    fast = OneRecModel(cfg, state, dtype=torch.bfloat16, backend=be)
+    ref = OneRecModel(cfg, state, dtype=torch.bfloat16, backend=ReferenceBackend())
+    ctx = synthetic_contexts(cfg, 3, seed=5, max_len=12)
+    items = torch.randint(0, cfg.codebook_size, (3, 3), generator=g)
+    a = fast.forward_levels(ctx, items, torch.arange(3))
+    b = ref.forward_levels(ctx, items, torch.arange(3))
+    assert "rms_norm.reference" not in be.calls
+    # context: its projection's norm and one per key/value chunk; per layer: cross-attention, self-attention
+    # and post-attention norms; per level: the final norm and the head's
+    norms = 1 + cfg.num_kv_sets * cfg.kv_split + 3 * cfg.num_hidden_layers + 2 * cfg.num_semantic_levels
+    assert be.calls["rms_norm.triton"] == norms
+    assert metrics.cosine(a, b) > 0.9999 and metrics.rel_error(a, b) < 1e-2
+
+
 def _pair_lin(n, k, g):
     """The same weight as an FP8 channel Linear and as a bf16 Linear."""
     w = torch.randn(n, k, generator=g) * k ** -0.5

@@ -106,8 +106,9 @@ class ReferenceBackend:
         return (xf @ w.dequantized.t()).to(x.dtype)
 
     def norm_linear(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w: Linear) -> torch.Tensor:
-        """linear(rms_norm(x)). The Triton backend fuses the norm with the activation quantization."""
-        return self.linear(rms_norm(x, norm_weight, eps), w)
+        """linear(rms_norm(x)). The Triton backend fuses the norm with the activation quantization
+        (where it does not, it lands here and normalizes through its own ``rms_norm``)."""
+        return self.linear(self.rms_norm(x, norm_weight, eps), w)
 
     def norm_linears(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                      ws: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
