@@ -1,6 +1,6 @@
 """Build, check and time the FP8 kernels against torch's baselines at the 4b preset's shapes (issue 4).
 
-    python benchmarks/bench_kernels.py [--m 32,512,4096,16384] [--json OUT.json] [--sweep [quant,gemm,promote,grouped]]
+    python benchmarks/bench_kernels.py [--m 32,512,4096,16384] [--json OUT.json] [--sweep [quant,gemm,promote,grouped,gluon]]
 
 Per case one line `M N K | us | TFLOP/s | GB/s | x vs baseline`, then a summary of the issue's goals
 at the largest M (geometric means over the preset's shapes). Every timed output is first checked
@@ -305,6 +305,9 @@ def bench_moe(ms, sweep):
     db, dq, ds = qb(D, INTER_E)
     packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=64)  # the sorted layout's (serving path)
     packed_g = gg.pack_experts(gq, uq, dq, gs, us_, ds)  # the gather layout's, for its comparison rows
+    # the Gluon kernels (Hopper), fused_experts' layout where gg.gluon_ok: gate/up rows interleaved by 1
+    use_gluon = gg.gluon_ok("cuda")
+    packed_gl = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1) if use_gluon else None
     w13b = gg._interleave_blocks(gb, ub, 128)  # same layout as the FP8 weight (I_E % 128 == 0)
     w13t, w2t = w13b.transpose(1, 2), db.transpose(1, 2)  # (E, K, N) column-major views
     for m in ms:
@@ -387,6 +390,27 @@ def bench_moe(ms, sweep):
                rows * D + E * 2 * INTER_E * D + rows * INTER_E, t13, "_grouped_mm", err13)
         record("experts", "fp8 down", rows, D, INTER_E, k2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
                t2, "_grouped_mm", err2)
+        if use_gluon:
+            # the same operands through the Gluon kernels (async wgmma; w13 interleaved by 1), checked
+            # against the tl.dot kernels' outputs
+            gl13 = (xq_s, xs_s, packed_gl.w13, packed_gl.s13, sid_s, bexp_s, used)
+            run13 = lambda: gg.grouped_gemm_sorted(*gl13, swiglu=True, num_valid=rows, align_m=align,  # noqa: E731
+                                                   config=c1, impl="gluon")
+            hq_l, hs_l = run13()
+            e13 = checked(fp8.dequantize(rows_of(hq_l, fl_pos), hs_l.t()[fl_pos].contiguous()),
+                          fp8.dequantize(rows_of(hq_s, fl_pos), hs_s.t()[fl_pos].contiguous()),
+                          "gluon vs tl.dot gate/up", TOL)
+            run2 = lambda: gg.grouped_gemm_sorted(hq_l, hs_l, packed_gl.w2, packed_gl.s2, sid_s, bexp_s, used,  # noqa: E731
+                                                  swiglu=False, num_valid=rows, align_m=align, config=c2, impl="gluon")
+            e2 = checked(run2()[fl_pos], y_s[fl_pos], "gluon vs tl.dot down", TOL)
+            l13, l2 = time_us(run13, [()]), time_us(run2, [()])
+            record("experts", "fp8 gate/up+swiglu+q gluon", rows, 2 * INTER_E, D, l13, f13,
+                   rows * D + E * 2 * INTER_E * D + rows * INTER_E, t13, "_grouped_mm", e13)
+            record("experts", "fp8 down gluon", rows, D, INTER_E, l2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
+                   t2, "_grouped_mm", e2)
+            if t13:
+                record("experts", "fp8 both GEMMs tl.dot", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm")
+            k13, k2 = l13, l2  # the serving path's times for the goal row below
         g13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed_g.w13, packed_g.s13, sid, bexp, topk=TOPK,
                                                         swiglu=True, align_m=align, config=c1), [()])
         g2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed_g.w2, packed_g.s2, sid, bexp, topk=TOPK,
@@ -398,7 +422,7 @@ def bench_moe(ms, sweep):
             record("experts", "fp8 both GEMMs", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm",
                    None, {"goal": "grouped", "rows": rows})
         # whole layer: ours (quant, align, 2 GEMMs, combine) vs a bf16 torch pipeline
-        full = lambda a: gg.fused_experts(a, ids, tw, packed)  # noqa: E731
+        full = lambda a: gg.fused_experts(a, ids, tw, packed_gl or packed)  # noqa: E731 - the serving layout
         if m <= 4096:
             from fp8conv.runtime.ops import Experts, ReferenceBackend
             ex = Experts(gq, uq, dq, gs, us_, ds, "bench")
@@ -441,29 +465,29 @@ def bench_moe(ms, sweep):
                 return checked(out[fl8], y8[fl8], "sweep down", TOL)
 
             sweep_grouped(m, gu8, dn8, t13, t2, f13, f2, err_of)
+        if "gluon" in sweep and use_gluon and m == max(ms):
+            sid8, bexp8, pos8, used8 = gg.moe_align(ids, E, 128, with_pos=True)
+            xq8, xs8 = act_quant.per_group_quant_sorted(x, pos8, sid8.numel())
+            gu8 = (xq8, xs8, packed_gl.w13, packed_gl.s13, sid8, bexp8, used8)
+            hq8, hs8 = gg.grouped_gemm_sorted(*gu8, swiglu=True, num_valid=rows, align_m=128, config=c1, impl="gluon")
+            dn8 = (hq8, hs8, packed_gl.w2, packed_gl.s2, sid8, bexp8, used8)
+            y8 = gg.grouped_gemm_sorted(*dn8, swiglu=False, num_valid=rows, align_m=128, config=c2, impl="gluon")
+            fl8 = pos8.reshape(-1).long()
+
+            def err_gl(out, swiglu):
+                if swiglu:
+                    return checked(fp8.dequantize(rows_of(out[0], fl8), out[1].t()[fl8].contiguous()),
+                                   fp8.dequantize(rows_of(hq8, fl8), hs8.t()[fl8].contiguous()), "sweep gate/up", TOL)
+                return checked(out[fl8], y8[fl8], "sweep down", TOL)
+
+            sweep_gluon(m, gu8, dn8, t13, t2, f13, f2, err_gl)
 
 
 def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
     """Configs of the persistent sorted-layout kernels (align 128 covers every BLOCK_M here), each
     checked against the default config's output before it is timed."""
-    rows = m * TOPK
-
     def one(name, args, swiglu, cfg, base, flops, ppsm):
-        run = lambda out=None: gg.grouped_gemm_sorted(*args, swiglu=swiglu, num_valid=rows,  # noqa: E731
-                                                      align_m=128, config=cfg, programs_per_sm=ppsm, out=out)
-        try:
-            # the check run writes into poisoned buffers (a fresh one could hold an earlier config's answer)
-            first = run()
-            outs = first if swiglu else (first,)
-            for t in outs:
-                poison(t)
-            err = err_of(run(outs if swiglu else outs[0]), swiglu)
-            us = time_us(run, [()])
-        except Exception as exc:
-            print(f"  skip {name}: {type(exc).__name__}: {str(exc)[:120]}")
-            return
-        record("experts", f"sweep {name}", rows, 0, 0, us, flops, 0, base, "_grouped_mm", err,
-               {"config": cfg.to_dict(), "sweep": True, "programs_per_sm": ppsm})
+        _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, "triton")
 
     for (bm, w, st), ws, gm, ppsm in itertools.product([(64, 8, 3), (64, 4, 3), (64, 4, 4), (128, 8, 3), (128, 8, 4),
                                                         (128, 8, 2)], (0, 1), (8,), (1, None)):
@@ -474,6 +498,39 @@ def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
                                                         (128, 128, 4, 3), (64, 128, 8, 3)], (0, 1), (1, None)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=w, num_stages=st, WARP_SPEC=ws)
         one(f"down {bm}x{bn} w{w}s{st} ws{ws} p{ppsm or 'auto'}", dn_args, False, cfg, t2, f2, ppsm)
+
+
+def _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, impl):
+    """Check one grouped config against the reference outputs (on poisoned buffers), time it, record it."""
+    rows = m * TOPK
+    run = lambda out=None: gg.grouped_gemm_sorted(*args, swiglu=swiglu, num_valid=rows,  # noqa: E731
+                                                  align_m=128, config=cfg, programs_per_sm=ppsm, out=out, impl=impl)
+    try:
+        # the check run writes into poisoned buffers (a fresh one could hold an earlier config's answer)
+        first = run()
+        outs = first if swiglu else (first,)
+        for t in outs:
+            poison(t)
+        err = err_of(run(outs if swiglu else outs[0]), swiglu)
+        us = time_us(run, [()])
+    except Exception as exc:
+        print(f"  skip {name}: {type(exc).__name__}: {str(exc)[:120]}")
+        return
+    record("experts", f"sweep {name}", rows, 0, 0, us, flops, 0, base, "_grouped_mm", err,
+           {"config": cfg.to_dict(), "sweep": True, "programs_per_sm": ppsm, "impl": impl})
+
+
+def sweep_gluon(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
+    """Configs of the Gluon kernels (gg.gluon_config_ok: a warpgroup per 64 rows)."""
+    for (bm, st), gm, ppsm in itertools.product([(64, 3), (64, 4), (128, 3), (128, 4)], (8,), (None,)):
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=gm, num_warps=bm // 16, num_stages=st)
+        _sweep_one(m, f"gluon g/u {bm}x256 s{st} g{gm} p{ppsm or 'auto'}", gu_args, True, cfg, t13, f13, ppsm,
+                   err_of, "gluon")
+    for (bm, bn, st), ppsm in itertools.product([(64, 128, 3), (64, 128, 4), (128, 128, 3), (128, 128, 4),
+                                                 (128, 128, 5)], (None,)):
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st)
+        _sweep_one(m, f"gluon down {bm}x{bn} s{st} p{ppsm or 'auto'}", dn_args, False, cfg, t2, f2, ppsm,
+                   err_of, "gluon")
 
 
 # -- summary -------------------------------------------------------------------------------------------
@@ -529,7 +586,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", default="32,512,4096,16384")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--sweep", nargs="?", const="quant,gemm,promote,grouped", default="",
+    ap.add_argument("--sweep", nargs="?", const="quant,gemm,promote,grouped,gluon", default="",
                     help="also time candidates at the largest M: comma list of quant,gemm,promote,grouped "
                          "(all if given without a value)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: dense,moe")

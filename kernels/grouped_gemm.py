@@ -29,6 +29,7 @@ applied to each K block's partial product (BLOCK_K must be 128).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,10 @@ from fp8conv.kernels.fp8_gemm import _num_sms, _tensor_descriptor, _tile_coords
 
 KERNEL_NAME = "fp8_grouped_gemm"
 BLOCK = 128
+# w13's gate/up row interleave for each layout of fused_experts (pack_experts)
+INTERLEAVE = {"gluon": 1, "sorted": 64, "gather": 128}
+# w13's gate/up row interleave for each layout of fused_experts (pack_experts)
+INTERLEAVE = {"gluon": 1, "sorted": 64, "gather": 128}
 _ACT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
@@ -63,7 +68,8 @@ class PackedExperts:
     inter: int
     # rows per gate/up run in w13: 128 (the gather-layout kernel's 256-row tiles: gate block, up block)
     # or 64 (the sorted-layout kernel: each 128-row load is 64 gate + 64 up rows of one block pair, so
-    # one 128x128 dot computes both halves of 64 SwiGLU columns)
+    # one 128x128 dot computes both halves of 64 SwiGLU columns) or 1 (the Gluon sorted kernel: gate
+    # and up rows alternate, so each thread of the wgmma holds a gate column next to its up column)
     interleave: int = 128
 
     @property
@@ -84,10 +90,11 @@ def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_
                  up_scale: torch.Tensor, down_scale: torch.Tensor, interleave: int = 128) -> PackedExperts:
     """Pack ops.Experts-style block-FP8 tensors (gate/up [E, I, d], down [E, d, I], block scales
     [E, ceil(rows/128), ceil(cols/128)]) for the grouped kernels: interleave 128 for the gather-layout
-    kernel (grouped_gemm_block_fp8), 64 for the sorted-layout one (grouped_gemm_sorted; see
-    PackedExperts and fused_experts)."""
-    if interleave not in (64, 128):
-        raise ValueError(f"interleave must be 64 or 128, got {interleave!r}")
+    kernel (grouped_gemm_block_fp8), 64 for the sorted-layout one (grouped_gemm_sorted), 1 for its
+    Gluon form (kernels/grouped_gemm_gluon.py): INTERLEAVE[expert_layout(...)]. See PackedExperts and
+    fused_experts."""
+    if interleave not in INTERLEAVE.values():
+        raise ValueError(f"interleave must be 1, 64 or 128, got {interleave!r}")
     for t, name in ((gate, "gate"), (up, "up"), (down, "down")):
         if t.dtype != torch.float8_e4m3fn:
             raise ValueError(f"Expected experts.{name} to be torch.float8_e4m3fn, got {t.dtype} instead.")
@@ -462,6 +469,49 @@ def _grouped_sorted_kernel(
             c_desc.store([off_m, pid_n * BLOCK_N], y.to(c_desc.dtype))
 
 
+_GLUON = None
+# the Gluon kernel's configs where a given one does not suit it (gluon_config_ok): gate/up 64 x 256 at 4
+# warps, down 128 x 128 at 8 (the tl.dot kernels' defaults, which suit it)
+GLUON_DEFAULTS = {True: KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
+                  False: KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)}
+
+
+def _gluon():
+    """kernels/grouped_gemm_gluon.py, or None where this Triton lacks Gluon's Hopper API."""
+    global _GLUON
+    if _GLUON is None:
+        try:
+            from fp8conv.kernels import grouped_gemm_gluon
+            _GLUON = grouped_gemm_gluon
+        except Exception:  # ImportError, or an older Gluon whose names differ
+            _GLUON = False
+    return _GLUON or None
+
+
+def gluon_ok(device) -> bool:
+    """Whether the Gluon sorted-layout kernels can run on ``device``: CUDA, compute capability 9.x (wgmma),
+    and Gluon in this Triton; FP8CONV_GLUON=0 turns them off (the tl.dot kernels run instead)."""
+    device = torch.device(device)
+    return (device.type == "cuda" and os.environ.get("FP8CONV_GLUON", "1") != "0"
+            and torch.cuda.get_device_capability(device)[0] == 9 and _gluon() is not None)
+
+
+def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
+    """Whether ``cfg`` suits the Gluon kernel: a warpgroup per 64 rows (BLOCK_M 64 at 4 warps or 128 at
+    8; three 64 x 128 float32 products per warpgroup already take ~250 registers), BLOCK_N 256 for
+    gate/up (two 128-row items) and 64 or 128 for down (one weight scale block per tile)."""
+    return (cfg.BLOCK_M in (64, 128) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_K == BLOCK
+            and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2)
+
+
+def expert_layout(d: int, inter: int, device) -> str:
+    """fused_experts' layout for hidden size d and expert width inter on ``device``: "gluon" (Hopper,
+    aligned rows), "sorted" (aligned rows), else "gather". Pack with INTERLEAVE[expert_layout(...)]."""
+    if not sorted_path_ok(d, inter):
+        return "gather"
+    return "gluon" if gluon_ok(device) else "sorted"
+
+
 def sorted_path_ok(d: int, inter: int) -> bool:
     """Whether fused_experts can take the persistent sorted-layout kernels for hidden size d and expert
     width inter: TMA descriptors (Triton >= 3.4) and 16-byte aligned rows (config.sorted_rows_aligned).
@@ -473,7 +523,7 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
                         sorted_ids: torch.Tensor, block_expert: torch.Tensor, used_blocks: torch.Tensor, *,
                         swiglu: bool, num_valid: int, out_dtype: torch.dtype = torch.bfloat16,
                         align_m: int | None = None, config: KernelConfig | None = None, out=None,
-                        programs_per_sm: int | None = None):
+                        programs_per_sm: int | None = None, impl: str = "triton"):
     """Block-scaled FP8 grouped GEMM on expert-sorted rows: persistent, TMA for A, B and the output.
 
     Rows: ``moe_align(topk_ids, E, align_m, with_pos=True)`` gives sorted_ids, block_expert and
@@ -489,6 +539,9 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
       are never read by combine_topk(y, w, pos).
     Rows of unused blocks (past used_blocks) are not written.
     programs_per_sm: the persistent grid's programs per SM (None: as many as fit, _programs_per_sm).
+    impl: "triton" (tl.dot; b = w13 packed with interleave 64 for swiglu) or "gluon" (the Hopper kernel
+      of kernels/grouped_gemm_gluon.py, where gluon_ok(device); b = w13 packed with interleave 1 for
+      swiglu; config must pass gluon_config_ok).
     """
     cfg, align_m = _check_common(a, b, sorted_ids, swiglu, out_dtype, align_m, config)
     TD = _tensor_descriptor()
@@ -521,6 +574,28 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
     c, cs = _outputs(want, out, swiglu, a.device)
     if p == 0:
         return (c, cs) if swiglu else c
+    tiles = (p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)  # an upper bound: the used ones are fewer
+    if impl == "gluon":
+        if not gluon_ok(a.device):
+            raise RuntimeError("the Gluon grouped GEMM needs a CUDA device of compute capability 9.x and Triton "
+                               "with Gluon's Hopper API")
+        if not gluon_config_ok(cfg, swiglu):
+            raise ValueError(f"config {cfg} does not suit the Gluon grouped GEMM (gluon_config_ok)")
+        gk = _gluon()
+        launch = lambda progs: gk.launch_sorted(  # noqa: E731
+            a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_blocks, c, cs, swiglu=swiglu,
+            num_valid=num_valid, out_dtype=out_dtype, align_m=align_m, block_m=cfg.BLOCK_M,
+            block_n=BLOCK if swiglu else cfg.BLOCK_N, group_m=cfg.GROUP_M, stages=cfg.num_stages,
+            num_warps=cfg.num_warps, programs=progs)
+        if programs_per_sm is None:
+            key = ("gluon", a.device.index, swiglu, out_dtype, cfg)
+            programs_per_sm = _OCCUPANCY.get(key)
+            if programs_per_sm is None:
+                programs_per_sm = _OCCUPANCY[key] = _fit_per_sm(launch(1), cfg.num_warps, a.device)
+        launch(min(programs_per_sm * _num_sms(a.device.index or 0), tiles))
+        return (c, cs) if swiglu else c
+    if impl != "triton":
+        raise ValueError(f"impl must be 'triton' or 'gluon', got {impl!r}")
     b_rows = cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N  # swiglu: one half (64 gate + 64 up rows) per load
     a_d = TD.from_tensor(a, [cfg.BLOCK_M, cfg.BLOCK_K])
     b_d = TD.from_tensor(b.view(e * n, k), [b_rows, cfg.BLOCK_K])
@@ -532,7 +607,6 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
                 WARP_SPECIALIZE=bool(cfg.WARP_SPEC), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if programs_per_sm is None:
         programs_per_sm = _programs_per_sm(_grouped_sorted_kernel, args, meta, a.device)
-    tiles = (p // cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)  # an upper bound: the used ones are fewer
     grid = (min(programs_per_sm * _num_sms(a.device.index or 0), tiles),)
     _grouped_sorted_kernel[grid](*args, **meta)
     return (c, cs) if swiglu else c
@@ -551,15 +625,19 @@ def _programs_per_sm(kernel, args, meta: dict, device: torch.device) -> int:
     key = (device.index, tuple(sorted(meta.items())))
     occ = _OCCUPANCY.get(key)
     if occ is None:
-        compiled = kernel.warmup(*args, grid=(1,), **meta)
-        compiled._init_handles()
-        props = torch.cuda.get_device_properties(device)
-        regs = getattr(props, "regs_per_multiprocessor", 65536)
-        smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
-        by_regs = regs // max(1, compiled.n_regs * 32 * meta["num_warps"])
-        by_smem = smem // (compiled.metadata.shared + 1024)  # + the 1 KiB each block reserves
-        occ = _OCCUPANCY[key] = max(1, min(4, by_regs, by_smem))
+        occ = _OCCUPANCY[key] = _fit_per_sm(kernel.warmup(*args, grid=(1,), **meta), meta["num_warps"], device)
     return occ
+
+
+def _fit_per_sm(compiled, num_warps: int, device: torch.device) -> int:
+    """How many blocks of a compiled kernel fit on one SM by registers and shared memory (1 to 4)."""
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    by_regs = regs // max(1, compiled.n_regs * 32 * num_warps)
+    by_smem = smem // (compiled.metadata.shared + 1024)  # + the 1 KiB each block reserves
+    return max(1, min(4, by_regs, by_smem))
 
 
 # -- combine ---------------------------------------------------------------------------------------------
@@ -604,8 +682,10 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     """Routed experts, block FP8: x (T, d) bf16/fp16; topk_ids (T, k) int; topk_weights (T, k) float32
     -> (T, d) in x.dtype. Same result as ReferenceBackend.experts within the kernels' tolerance.
     layout: "sorted" (quantize x into expert-sorted rows, persistent TMA GEMMs, gather in the combine;
-    needs sorted_path_ok and packed.interleave == 64), "gather" (the GEMM gathers token rows, the down
-    GEMM scatters its output; needs interleave 128), or "auto" (sorted where it applies)."""
+    needs sorted_path_ok and packed.interleave == 64), "gluon" (the same with the Gluon kernels; needs
+    gluon_ok and interleave 1), "gather" (the GEMM gathers token rows, the down GEMM scatters its
+    output; needs interleave 128), or "auto" (the one the packing was made for: expert_layout).
+    A config that does not suit the Gluon kernel (gluon_config_ok) is replaced there by its default."""
     t, d = x.shape
     k = topk_ids.shape[1]
     e = packed.num_experts
@@ -613,24 +693,28 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     cfg1 = config_gate_up or default_config(KERNEL_NAME, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
     cfg2 = config_down or default_config(KERNEL_NAME, rows_per_expert, d, packed.inter, gate_up=False)
     align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
-    if layout == "auto":
-        layout = "sorted" if sorted_path_ok(d, packed.inter) and packed.interleave == 64 else "gather"
-    if layout == "sorted":
-        if packed.interleave != 64:
-            raise ValueError("the sorted layout needs experts packed with interleave=64")
+    if layout == "auto":  # the layout the experts were packed for, where it applies
+        layout = {v: k for k, v in INTERLEAVE.items()}[packed.interleave]
+        if layout != "gather" and not sorted_path_ok(d, packed.inter):
+            raise ValueError(f"experts packed with interleave={packed.interleave} need d and I multiples of 16 "
+                             f"(d={d}, I={packed.inter}); pack with interleave=128")
+    if layout not in INTERLEAVE:
+        raise ValueError(f"layout must be 'auto', 'gluon', 'sorted' or 'gather', got {layout!r}")
+    if packed.interleave != INTERLEAVE[layout]:
+        raise ValueError(f"the {layout} layout needs experts packed with interleave={INTERLEAVE[layout]}")
+    if layout in ("sorted", "gluon"):
+        if layout == "gluon":
+            cfg1 = cfg1 if gluon_config_ok(cfg1, True) else GLUON_DEFAULTS[True]
+            cfg2 = cfg2 if gluon_config_ok(cfg2, False) else GLUON_DEFAULTS[False]
+            align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
         sorted_ids, block_expert, pos, used = moe_align(topk_ids, e, align_m, with_pos=True)
         p = sorted_ids.numel()
         xq, xs = per_group_quant_sorted(x, pos, p)
-        hq, hs = grouped_gemm_sorted(xq, xs, packed.w13, packed.s13, sorted_ids, block_expert, used,
-                                     swiglu=True, num_valid=t * k, out_dtype=x.dtype, align_m=align_m,
-                                     config=cfg1)
-        y = grouped_gemm_sorted(hq, hs, packed.w2, packed.s2, sorted_ids, block_expert, used, swiglu=False,
-                                num_valid=t * k, out_dtype=x.dtype, align_m=align_m, config=cfg2)
+        run = dict(sorted_ids=sorted_ids, block_expert=block_expert, used_blocks=used, num_valid=t * k,
+                   out_dtype=x.dtype, align_m=align_m, impl="gluon" if layout == "gluon" else "triton")
+        hq, hs = grouped_gemm_sorted(xq, xs, packed.w13, packed.s13, swiglu=True, config=cfg1, **run)
+        y = grouped_gemm_sorted(hq, hs, packed.w2, packed.s2, swiglu=False, config=cfg2, **run)
         return combine_topk(y, topk_weights, pos)
-    if layout != "gather":
-        raise ValueError(f"layout must be 'auto', 'sorted' or 'gather', got {layout!r}")
-    if packed.interleave != 128:
-        raise ValueError("the gather layout needs experts packed with interleave=128")
     xq, xs = per_group_quant(x)
     sorted_ids, block_expert = moe_align(topk_ids, e, align_m)
     hq, hs = grouped_gemm_block_fp8(xq, xs, packed.w13, packed.s13, sorted_ids, block_expert, topk=k,

@@ -157,9 +157,12 @@ def test_config_constraints_are_enforced():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("t,k,interleave", list(itertools.product([1, 7, 83, 2048], [3], [64, 128])))
+@pytest.mark.parametrize("t,k,interleave", list(itertools.product([1, 7, 83, 2048], [3], [1, 64, 128])))
 def test_fused_experts_vs_reference_backend_cuda(t, k, interleave):
-    """Both layouts (interleave 64: sorted, the serving path; 128: gather) at the 4b preset's shapes."""
+    """Every layout (interleave 1: Gluon, the serving path on Hopper; 64: sorted; 128: gather) at the 4b
+    preset's shapes."""
+    if interleave == 1 and not gg.gluon_ok("cuda"):
+        pytest.skip("the Gluon kernels need compute capability 9.x and Triton with Gluon")
     e, i, d = 53, 1408, 1408  # 4b preset experts
     ex = _experts(e, i, d, seed=t)
     ids, w = _routing(t, e, k, seed=t)
@@ -248,17 +251,30 @@ def test_per_group_quant_sorted_matches_per_group_quant():
         act_quant.per_group_quant_sorted(x, pos.long(), sid.numel())
 
 
-@pytest.mark.parametrize("case", SORTED_CASES)
-def test_sorted_stages_against_references(case):
-    """The persistent sorted-layout kernels on their own inputs: gate/up + SwiGLU + quant, then down
-    (rows in sorted order), then the gathering combine; outputs poisoned first."""
+# the Gluon kernels (CUDA, Hopper): a warpgroup per 64 rows; K and I not multiples of 128, experts
+# with no rows, a used-block count below the buffers'
+GLUON_CASES = [(3, 144, 208, 83, 3), (6, 400, 272, 300, 2), (5, 128, 128, 1, 1), (53, 1408, 1408, 700, 3)]
+CFG_GU_GL = KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=2)
+CFG_DN_GL = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+@pytest.mark.parametrize("case,impl", [(c, "triton") for c in SORTED_CASES]
+                         + [pytest.param(c, "gluon", marks=pytest.mark.cuda) for c in GLUON_CASES])
+def test_sorted_stages_against_references(case, impl):
+    """The persistent sorted-layout kernels (tl.dot, or Gluon on Hopper) on their own inputs: gate/up +
+    SwiGLU + quant, then down (rows in sorted order), then the gathering combine; outputs poisoned
+    first."""
+    if impl == "gluon" and not gg.gluon_ok("cuda"):
+        pytest.skip("the Gluon kernels need compute capability 9.x and Triton with Gluon")
     e, i, d, t, k = case
     ex = _experts(e, i, d, seed=sum(case) + 1)
     ids, w = _routing(t, e, k, seed=t + 3)
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16).to(_dev())
-    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=64)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale,
+                        interleave=gg.INTERLEAVE["gluon" if impl == "gluon" else "sorted"])
     assert gg.sorted_path_ok(d, i)
-    align = 16
+    align = 128 if impl == "gluon" else 16
+    cfg_gu, cfg_dn = (CFG_GU_GL, CFG_DN_GL) if impl == "gluon" else (CFG_GU_S, CFG_DN_S)
     sid, bexp, pos, used = gg.moe_align(ids, e, align, with_pos=True)
     n_rows, ip = sid.numel(), p.w13.shape[1] // 2
     from fp8conv.kernels.act_quant import per_group_quant_sorted
@@ -269,7 +285,7 @@ def test_sorted_stages_against_references(case):
     hq = poison(torch.empty(n_rows, ip, dtype=torch.float8_e4m3fn, device=x.device))
     hs = poison(torch.empty(ip // 128, n_rows, dtype=torch.float32, device=x.device))
     gg.grouped_gemm_sorted(xq, xs, p.w13, p.s13, sid, bexp, used, swiglu=True, num_valid=t * k, align_m=align,
-                           config=CFG_GU_S, out=(hq, hs))
+                           config=cfg_gu, out=(hq, hs), impl=impl)
     xr, xsr = fp8.quantize_per_group(x.cpu())
     xd = fp8.dequantize(xr, xsr)
     flat = ids.reshape(-1).cpu()
@@ -284,7 +300,7 @@ def test_sorted_stages_against_references(case):
                 f"sorted gate_up+swiglu+quant {case}")
     y = poison(torch.empty(n_rows, d, dtype=torch.bfloat16, device=x.device))
     gg.grouped_gemm_sorted(hq, hs, p.w2, p.s2, sid, bexp, used, swiglu=False, num_valid=t * k, align_m=align,
-                           config=CFG_DN_S, out=y)
+                           config=cfg_dn, out=y, impl=impl)
     hd = fp8.dequantize(hq.cpu(), hs_rows.contiguous())
     y_ref = torch.zeros(n_rows, d)
     for r in range(n_rows):
@@ -323,6 +339,17 @@ def test_fused_experts_layouts_agree():
     assert torch.equal(w64[1, 128:192], ex.gate[1, 64:128].cpu().float())
     with pytest.raises(ValueError, match="layout"):
         gg.fused_experts(x, ids, w, p, layout="nope", **cfg)
+    p1 = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=1)
+    w1 = p1.w13.cpu().float()  # interleave 1 (the Gluon kernels): gate row r at 2r, up row r at 2r + 1
+    assert torch.equal(w1[1, 0::2][:i], ex.gate[1].cpu().float())
+    assert torch.equal(w1[1, 1::2][:i], ex.up[1].cpu().float())
+    assert torch.equal(p1.s13, p.s13)  # the same 128-row block pairs: the same scales
+    with pytest.raises(ValueError, match="interleave=1"):
+        gg.fused_experts(x, ids, w, p, layout="gluon", **cfg)
+    if not gg.gluon_ok(x.device):
+        assert gg.expert_layout(d, i, x.device) == "sorted" and gg.expert_layout(200, 150, x.device) == "gather"
+        with pytest.raises(RuntimeError, match="Gluon"):
+            gg.fused_experts(x, ids, w, p1, **cfg)  # auto: the packing's layout, which cannot run here
 
 
 @pytest.mark.parametrize("routing", ["one_expert", "empty"])

@@ -1,0 +1,338 @@
+"""The sorted-layout grouped GEMMs of kernels/grouped_gemm.py written in Gluon, for Hopper (sm_90).
+
+Why a second language: block-scaled FP8 needs each 128-deep K block's product scaled before it is
+added to the accumulator (the weight's 128x128 block scale and the activation's 1x128 group scale
+change every K block). With ``tl.dot`` Triton waits for every wgmma (``warp_group_dot_wait
+{pendings = 0}``) before that scaling, so the tensor cores idle while the CUDA cores scale: the
+Triton kernels reach 590-640 TFLOP/s at the 4b shapes where a plain FP8 GEMM reaches ~1000. Gluon
+exposes the asynchronous wgmma: here K block kb's MMA is issued, then the wait retires only block
+kb - 1's (``warpgroup_mma_wait(num_outstanding=1)``), whose product is scaled and accumulated on the
+CUDA cores while block kb runs on the tensor cores. Three accumulators' worth of registers (the sum,
+the retired product, the one in flight) bound the tile to 64 rows per warpgroup x 128 columns.
+
+The rest is as in grouped_gemm_sorted: persistent programs over the used tiles (the used-block count
+read on the GPU), TMA loads of A and B through a ring of STAGES buffers (a buffer is refilled as soon
+as the MMA that read it has retired, loads running ahead across tile boundaries), TMA stores.
+
+Gate/up (``swiglu=True``) needs w13 packed with ``interleave=1`` (pack_experts): gate and up rows
+alternate, so in the wgmma accumulator layout each thread holds gate column c and up column c of its
+rows side by side, and SwiGLU is computed in registers after splitting the even and odd columns. A
+128-row weight tile (64 gate + 64 up rows) gives 64 SwiGLU columns; the 1x128 quantization group
+needs two such items, so the first item's SwiGLU output waits in shared memory (rounded to the
+activation dtype, as the reference rounds it) with its row maxima in registers.
+
+Numerics are those of grouped_gemm_sorted (products of each K block scaled by sa * sb and summed in
+float32 in K order; gate/up outputs, then SwiGLU's, rounded to the activation dtype; 1x128 groups
+quantized by quantize_values' arithmetic). This module imports only where Triton has Gluon with the
+Hopper wgmma API; it runs only on CUDA devices of compute capability 9.x (no interpreter).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+_GL_ACT = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+_GL_OUT = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32,
+           torch.float8_e4m3fn: gl.float8e4nv}
+
+
+@gluon.constexpr_function
+def _acc_layout(BLOCK_M, BLOCK_N, num_warps):
+    """The wgmma accumulator layout: warps along M first (16 rows each), the rest along N."""
+    wm = min(num_warps, BLOCK_M // 16)
+    wn = num_warps // wm
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, BLOCK_N // wn, 32])
+
+
+@gluon.jit
+def _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS: gl.constexpr, GROUP_M: gl.constexpr):
+    """(pid_m, pid_n, part) of this program's item-th work item (the same tile order as _tile_coords)."""
+    tile = pid + (item // ITEMS) * progs
+    width = GROUP_M * num_pid_n
+    first_m = (tile // width) * GROUP_M
+    size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (tile % width) % size_m, (tile % width) // size_m, item % ITEMS
+
+
+@gluon.jit
+def _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
+                ready, ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of A and B for this program's step-th K step into ring buffer step % STAGES."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    pid_m, pid_n, part = _item_coords(step // k_tiles, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    expert = gl.load(bexp_ptr + off_m // ALIGN_M)
+    row0 = expert * N + (pid_n * ITEMS + part) * BLOCK_N
+    kk = (step % k_tiles) * BLOCK_K
+    s = step % STAGES
+    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [off_m, kk], ready.index(s), a_smem.index(s))
+    tma.async_copy_global_to_shared(b_desc, [row0, kk], ready.index(s), b_smem.index(s))
+
+
+@gluon.jit
+def _step_scales(step, pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr, bs_ptr, bexp_ptr, P, stride_bse,
+                 stride_bsn, row_l: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr):
+    """(sa, sg, su) of this program's step-th K step: the activation group scales of the tile's rows
+    and the weight block's scale (SWIGLU: the gate block's and the up block's; else sg twice). Loaded a
+    few steps before their use: K-major activation scales are a new L2 line every step."""
+    pid_m, pid_n, part = _item_coords(step // k_tiles, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
+    kb = step % k_tiles
+    off_m = pid_m * BLOCK_M
+    sa = gl.load(as_ptr + kb * P + off_m + gl.arange(0, BLOCK_M, layout=row_l))
+    expert = gl.load(bexp_ptr + off_m // ALIGN_M)
+    if ITEMS == 2:  # gate/up: block pair pid_n (gate block 2 pid_n, up block 2 pid_n + 1)
+        bs = bs_ptr + expert.to(gl.int64) * stride_bse + (2 * pid_n) * stride_bsn + kb
+        return sa, gl.load(bs), gl.load(bs + stride_bsn)
+    else:
+        bs = bs_ptr + expert.to(gl.int64) * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn + kb
+        sg = gl.load(bs)
+        return sa, sg, sg
+
+
+@gluon.jit
+def _promote(acc, prod, sa, sg, su, is_up, SWIGLU: gl.constexpr):
+    """acc + prod * (sa x the weight scale): one K block's product scaled into the float32 sum."""
+    if SWIGLU:
+        return acc + prod * (sa[:, None] * gl.where(is_up, su, sg)[None, :])
+    else:
+        return acc + prod * (sa * sg)[:, None]
+
+
+@gluon.jit
+def _round(x, ACT: gl.constexpr):
+    """float32 x rounded to the activation dtype and back (round to nearest even)."""
+    return x.to(ACT).to(gl.float32)
+
+
+@gluon.jit
+def _quantize(y, scale):
+    """clamp(y / scale, -448, 448) as float32, for y holding bf16/fp16 values with |y| <= 448 * scale:
+    act_quant.quantize_values' FAST_DIV arithmetic (Markstein's correction; exact for those values)."""
+    sx = gl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
+    s2 = scale * sx
+    r = gl.div_rn(gl.full_like(s2, 1.0), s2)
+    y2 = y * sx
+    q0 = y2 * r
+    e = gl.fma(q0, s2, -y2)
+    q = gl.fma(-e, r, q0)
+    q = (q.to(gl.int32, bitcast=True) | (y.to(gl.int32, bitcast=True) & -2147483648)).to(gl.float32, bitcast=True)
+    return gl.minimum(gl.maximum(q, -448.0), 448.0)
+
+
+@gluon.jit
+def _quantize_ieee(y, scale):
+    """clamp(y / scale, -448, 448) by IEEE division (float32 activations)."""
+    return gl.minimum(gl.maximum(gl.div_rn(y, scale), -448.0), 448.0)
+
+
+@gluon.jit
+def _grouped_sorted_gluon_kernel(
+    # A descriptor (P, K') fp8 box [BLOCK_M, 128]; scales K-major (ceil(K'/128), P) float32.
+    # B descriptor [E*N, K] fp8 box [BLOCK_N, 128] (SWIGLU: 128 = 64 gate + 64 up rows, interleave 1);
+    # block scales [E, N/128, ceil(K/128)] (SWIGLU: gate and up blocks alternating, as pack_experts)
+    a_desc, as_ptr, b_desc, bs_ptr,
+    sid_ptr, bexp_ptr, used_ptr,
+    # SWIGLU: q descriptor (P, N/2) fp8 box [BLOCK_M, 64], scales K-major (N/256, P) float32;
+    # else y descriptor (P, N) box [BLOCK_M, BLOCK_N]
+    c_desc, cs_ptr,
+    P, N, K, num_valid, stride_bse, stride_bsn,
+    SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, num_warps: gl.constexpr,
+):
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    ITEMS: gl.constexpr = 2 if SWIGLU else 1  # SWIGLU: a 128-column output group = two 128-row items
+    HALF: gl.constexpr = BLOCK_N // 2
+    acc_l: gl.constexpr = _acc_layout(BLOCK_M, BLOCK_N, num_warps)
+    row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+
+    num_pid_m = gl.load(used_ptr) * (ALIGN_M // BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N * ITEMS)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    pid = gl.program_id(0)
+    progs = gl.num_programs(0)
+    my_items = gl.cdiv(gl.maximum(num_pid_m * num_pid_n - pid, 0), progs) * ITEMS
+    total = my_items * k_tiles
+
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    if SWIGLU:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, HALF], c_desc.layout)
+        h_smem = gl.allocate_shared_memory(ACT, [BLOCK_M, HALF],
+                                           gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    else:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
+
+    # every buffer starts filled: steps 0 .. STAGES-1
+    for i in gl.static_range(STAGES):
+        if i < total:
+            _issue_load(i, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
+                        ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+
+    zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
+    cols = gl.arange(0, BLOCK_N, layout=col_l)
+    is_up = (cols % 2) == 1
+    amax_lo = gl.zeros([BLOCK_M], gl.float32, row_l)
+    # Two product registers, X and Y, take the K blocks in turn (the loop below is unrolled by two), so
+    # the product in flight is never copied: a read of a wgmma's registers before it retires makes
+    # ptxas serialize every wgmma of the kernel (its warning C7514)
+    x = zero
+    y = zero
+    # the scales of steps 0 and 1 (then each step loads those of the step two ahead)
+    last = gl.maximum(total - 1, 0)
+    sa1, sg1, su1 = _step_scales(0, pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr, bs_ptr, bexp_ptr, P,
+                                 stride_bse, stride_bsn, row_l, BLOCK_M, BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
+    sa2, sg2, su2 = _step_scales(gl.minimum(1, last), pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr, bs_ptr,
+                                 bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M, BLOCK_N, ITEMS, ALIGN_M,
+                                 GROUP_M)
+    step = 0
+    for item in range(my_items):
+        pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_l)
+        acc = zero
+
+        # K block 0 into X; each later block's MMA is issued before the previous block's product is
+        # read, so the scaling below runs while the tensor cores work
+        s = step % STAGES
+        mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+        x = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), x, use_acc=False, is_async=True)
+        x = warpgroup_mma_wait(num_outstanding=1, deps=(x,))  # returns at once: X stays in flight
+        sax, sgx, sux = sa1, sg1, su1
+        sa1, sg1, su1 = sa2, sg2, su2
+        sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr,
+                                     bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M, BLOCK_N, ITEMS,
+                                     ALIGN_M, GROUP_M)
+        for kb in range(1, k_tiles - 1, 2):
+            step += 1
+            s = step % STAGES
+            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+            y = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), y, use_acc=False, is_async=True)
+            say, sgy, suy = sa1, sg1, su1
+            sa1, sg1, su1 = sa2, sg2, su2
+            sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles,
+                                         as_ptr, bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M,
+                                         BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
+            y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))  # X retires, Y stays in flight
+            if step - 1 + STAGES < total:  # X's buffer takes the step STAGES ahead
+                _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
+                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+            acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
+            step += 1
+            s = step % STAGES
+            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+            x = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), x, use_acc=False, is_async=True)
+            sax, sgx, sux = sa1, sg1, su1
+            sa1, sg1, su1 = sa2, sg2, su2
+            sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles,
+                                         as_ptr, bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M,
+                                         BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
+            x, y = warpgroup_mma_wait(num_outstanding=1, deps=(x, y))
+            if step - 1 + STAGES < total:
+                _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
+                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+            acc = _promote(acc, y, say, sgy, suy, is_up, SWIGLU)
+        if k_tiles % 2 == 0:  # one block left: into Y, then both retire
+            step += 1
+            s = step % STAGES
+            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+            y = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), y, use_acc=False, is_async=True)
+            say, sgy, suy = sa1, sg1, su1
+            sa1, sg1, su1 = sa2, sg2, su2
+            sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles,
+                                         as_ptr, bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M,
+                                         BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
+            y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))
+            if step - 1 + STAGES < total:
+                _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
+                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+            acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
+            y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
+            acc = _promote(acc, y, say, sgy, suy, is_up, SWIGLU)
+        else:
+            x = warpgroup_mma_wait(num_outstanding=0, deps=(x,))
+            acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
+        if step + STAGES < total:
+            _issue_load(step + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc,
+                        a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+        step += 1
+
+        if SWIGLU:
+            g, u = gl.split(gl.reshape(acc, [BLOCK_M, HALF, 2]))
+            g = _round(g, ACT)
+            u = _round(u, ACT)
+            h = _round(g * (1.0 / (1.0 + gl.exp(-g))) * u, ACT)
+            valid = gl.load(sid_ptr + offs_m) < num_valid
+            h_l: gl.constexpr = g.type.layout
+            valid = gl.convert_layout(valid, gl.SliceLayout(1, h_l))
+            h = gl.where(valid[:, None], h, 0.0)
+            amax = gl.convert_layout(gl.max(gl.abs(h), axis=1), row_l)
+            if part == 0:
+                gl.thread_barrier()  # the previous group's reads of h_smem are done
+                h_smem.store(h.to(ACT))
+                amax_lo = amax
+            else:
+                amax = gl.maximum(amax, amax_lo)
+                scale = gl.where(amax == 0.0, 1.0, gl.div_rn(amax, gl.full_like(amax, 448.0)))
+                scale_h = gl.convert_layout(scale, gl.SliceLayout(1, h_l))[:, None]
+                h_lo = h_smem.load(h_l).to(gl.float32)
+                if FAST_DIV:
+                    q_lo = _quantize(h_lo, scale_h)
+                    q_hi = _quantize(h, scale_h)
+                else:
+                    q_lo = _quantize_ieee(h_lo, scale_h)
+                    q_hi = _quantize_ieee(h, scale_h)
+                tma.store_wait(pendings=0)  # the previous group's stores have left c_smem
+                c_smem.index(0).store(q_lo.to(c_desc.dtype))
+                c_smem.index(1).store(q_hi.to(c_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem.index(0))
+                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N + HALF], c_smem.index(1))
+                gl.store(cs_ptr + pid_n * P + offs_m, scale)
+        else:
+            tma.store_wait(pendings=0)
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem)
+    tma.store_wait(pendings=0)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+
+
+def _nvmma(block, dtype):
+    return gl.NVMMASharedLayout.get_default_for(block, dtype)
+
+
+def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_blocks, c, cs, *, swiglu: bool,
+                  num_valid: int, out_dtype: torch.dtype, align_m: int, block_m: int, block_n: int, group_m: int,
+                  stages: int, num_warps: int, programs: int):
+    """Launch the Gluon kernel on checked operands (grouped_gemm.grouped_gemm_sorted checks them):
+    block_n is the MMA width (128 for gate/up: one item of 64 gate + 64 up rows); programs the grid.
+    Returns the compiled kernel."""
+    e, n, k = b.shape
+    p = sorted_ids.numel()
+    a_d = TensorDescriptor.from_tensor(a, [block_m, 128], _nvmma([block_m, 128], gl.float8e4nv))
+    bv = b.view(e * n, k)
+    b_d = TensorDescriptor.from_tensor(bv, [block_n, 128], _nvmma([block_n, 128], gl.float8e4nv))
+    cw = block_n // 2 if swiglu else block_n
+    c_d = TensorDescriptor.from_tensor(c, [block_m, cw], _nvmma([block_m, cw], _GL_OUT[c.dtype]))
+    return _grouped_sorted_gluon_kernel[(programs,)](
+        a_d, a_scale_t, b_d, b_scale, sorted_ids, block_expert, used_blocks, c_d, cs,
+        p, n, k, num_valid, b_scale.stride(0), b_scale.stride(1),
+        SWIGLU=swiglu, ACT=_GL_ACT[out_dtype], FAST_DIV=out_dtype != torch.float32, ALIGN_M=align_m,
+        GROUP_M=group_m, STAGES=stages, num_warps=num_warps)
