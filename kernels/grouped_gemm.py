@@ -497,9 +497,10 @@ def gluon_ok(device) -> bool:
 
 
 def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
-    """Whether ``cfg`` suits the Gluon kernel: a warpgroup per 64 rows (BLOCK_M 64 at 4 warps or 128 at
-    8; three 64 x 128 float32 products per warpgroup already take ~250 registers), BLOCK_N 256 for
-    gate/up (two 128-row items) and 64 or 128 for down (one weight scale block per tile)."""
+    """Whether ``cfg`` suits the Gluon kernels: a warpgroup per 64 rows (BLOCK_M 64 at 4 warps: one
+    warpgroup with asynchronous wgmma, whose three 64 x 128 float32 products take ~250 registers; 128 at
+    8: two consumer warpgroups and a TMA warp), BLOCK_N 256 for gate/up (two 128-row items) and 64 or
+    128 for down (one weight scale block per tile)."""
     return (cfg.BLOCK_M in (64, 128) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_K == BLOCK
             and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2)
 
@@ -585,8 +586,7 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
         launch = lambda progs: gk.launch_sorted(  # noqa: E731
             a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_blocks, c, cs, swiglu=swiglu,
             num_valid=num_valid, out_dtype=out_dtype, align_m=align_m, block_m=cfg.BLOCK_M,
-            block_n=BLOCK if swiglu else cfg.BLOCK_N, group_m=cfg.GROUP_M, stages=cfg.num_stages,
-            num_warps=cfg.num_warps, programs=progs)
+            block_n=BLOCK if swiglu else cfg.BLOCK_N, group_m=cfg.GROUP_M, stages=cfg.num_stages, programs=progs)
         if programs_per_sm is None:
             key = ("gluon", a.device.index, swiglu, out_dtype, cfg)
             programs_per_sm = _OCCUPANCY.get(key)

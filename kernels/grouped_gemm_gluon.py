@@ -320,19 +320,180 @@ def _nvmma(block, dtype):
 
 def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_blocks, c, cs, *, swiglu: bool,
                   num_valid: int, out_dtype: torch.dtype, align_m: int, block_m: int, block_n: int, group_m: int,
-                  stages: int, num_warps: int, programs: int):
-    """Launch the Gluon kernel on checked operands (grouped_gemm.grouped_gemm_sorted checks them):
-    block_n is the MMA width (128 for gate/up: one item of 64 gate + 64 up rows); programs the grid.
-    Returns the compiled kernel."""
+                  stages: int, programs: int):
+    """Launch a Gluon kernel on checked operands (grouped_gemm.grouped_gemm_sorted checks them): block_m
+    128 takes the warp-specialized kernel (two consumer warpgroups and a TMA warp), 64 the single
+    warpgroup one with asynchronous wgmma; block_n is the MMA width (128 for gate/up: one item of 64
+    gate + 64 up rows); programs the grid. Returns the compiled kernel."""
     e, n, k = b.shape
     p = sorted_ids.numel()
+    ws = block_m == 128
     a_d = TensorDescriptor.from_tensor(a, [block_m, 128], _nvmma([block_m, 128], gl.float8e4nv))
     bv = b.view(e * n, k)
     b_d = TensorDescriptor.from_tensor(bv, [block_n, 128], _nvmma([block_n, 128], gl.float8e4nv))
-    cw = block_n // 2 if swiglu else block_n
-    c_d = TensorDescriptor.from_tensor(c, [block_m, cw], _nvmma([block_m, cw], _GL_OUT[c.dtype]))
-    return _grouped_sorted_gluon_kernel[(programs,)](
-        a_d, a_scale_t, b_d, b_scale, sorted_ids, block_expert, used_blocks, c_d, cs,
-        p, n, k, num_valid, b_scale.stride(0), b_scale.stride(1),
-        SWIGLU=swiglu, ACT=_GL_ACT[out_dtype], FAST_DIV=out_dtype != torch.float32, ALIGN_M=align_m,
-        GROUP_M=group_m, STAGES=stages, num_warps=num_warps)
+    cw, cm = (block_n // 2 if swiglu else block_n), (64 if ws else block_m)
+    c_d = TensorDescriptor.from_tensor(c, [cm, cw], _nvmma([cm, cw], _GL_OUT[c.dtype]))
+    args = (a_d, a_scale_t, b_d, b_scale, sorted_ids, block_expert, used_blocks, c_d, cs,
+            p, n, k, num_valid, b_scale.stride(0), b_scale.stride(1))
+    meta = dict(SWIGLU=swiglu, ACT=_GL_ACT[out_dtype], FAST_DIV=out_dtype != torch.float32, ALIGN_M=align_m,
+                GROUP_M=group_m, STAGES=stages)
+    if ws:
+        return _grouped_ws_kernel[(programs,)](*args, **meta, CONSUMER_REGS=232, num_warps=4)
+    return _grouped_sorted_gluon_kernel[(programs,)](*args, **meta, num_warps=4)
+
+
+# -- warp-specialized form: a TMA producer warp and two consumer warpgroups ------------------------------
+
+@gluon.jit
+def _schedule(used_ptr, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+              ITEMS: gl.constexpr, ALIGN_M: gl.constexpr):
+    """(num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total steps) of this program."""
+    num_pid_m = gl.load(used_ptr) * (ALIGN_M // BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N * ITEMS)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    pid = gl.program_id(0)
+    progs = gl.num_programs(0)
+    my_items = gl.cdiv(gl.maximum(num_pid_m * num_pid_n - pid, 0), progs) * ITEMS
+    return num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, my_items * k_tiles
+
+
+@gluon.jit
+def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
+                 ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
+    """The loads of every step into the ring; a buffer is refilled once both consumers released it."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total = _schedule(
+        used_ptr, N, K, BLOCK_M, BLOCK_N, BLOCK_K, ITEMS, ALIGN_M)
+    for step in range(total):
+        s = step % STAGES
+        mbarrier.wait(empty.index(s), ((step // STAGES) - 1) & 1, pred=step >= STAGES)
+        _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
+                    ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+
+
+@gluon.jit
+def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
+                 used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn,
+                 SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
+                 GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 BLOCK_K: gl.constexpr):
+    """Rows [64 WG, 64 WG + 64) of every tile: per K block one synchronous wgmma (the other warpgroup's
+    runs meanwhile), the buffer released, the product scaled into the sum; then the epilogue."""
+    ITEMS: gl.constexpr = 2 if SWIGLU else 1
+    HALF: gl.constexpr = BLOCK_N // 2
+    acc_l: gl.constexpr = _acc_layout(64, BLOCK_N, 4)
+    row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
+    col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
+    num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total = _schedule(
+        used_ptr, N, K, BLOCK_M, BLOCK_N, BLOCK_K, ITEMS, ALIGN_M)
+    zero = gl.zeros([64, BLOCK_N], gl.float32, acc_l)
+    is_up = (gl.arange(0, BLOCK_N, layout=col_l) % 2) == 1
+    amax_lo = gl.zeros([64], gl.float32, row_l)
+    step = 0
+    for item in range(my_items):
+        pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
+        off_m = pid_m * BLOCK_M + 64 * WG
+        offs_m = off_m + gl.arange(0, 64, layout=row_l)
+        expert = gl.load(bexp_ptr + (pid_m * BLOCK_M) // ALIGN_M)
+        bs_base = bs_ptr + expert.to(gl.int64) * stride_bse
+        if SWIGLU:
+            bs_g = bs_base + (2 * pid_n) * stride_bsn
+            bs_u = bs_g + stride_bsn
+        else:
+            bs_g = bs_base + ((pid_n * BLOCK_N) // BLOCK_K) * stride_bsn
+            bs_u = bs_g
+        acc = zero
+        for kb in range(k_tiles):
+            s = step % STAGES
+            sa = gl.load(as_ptr + kb * P + offs_m)  # in flight while this warpgroup waits
+            sg = gl.load(bs_g + kb)
+            su = gl.load(bs_u + kb)
+            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+            prod = warpgroup_mma(a_smem.index(s).slice(64 * WG, 64), b_smem.index(s).permute((1, 0)), zero,
+                                 use_acc=False, is_async=True)
+            prod = warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc = _promote(acc, prod, sa, sg, su, is_up, SWIGLU)
+            step += 1
+
+        if SWIGLU:
+            g, u = gl.split(gl.reshape(acc, [64, HALF, 2]))
+            g = _round(g, ACT)
+            u = _round(u, ACT)
+            h = _round(g * (1.0 / (1.0 + gl.exp(-g))) * u, ACT)
+            h_l: gl.constexpr = g.type.layout
+            valid = gl.convert_layout(gl.load(sid_ptr + offs_m) < num_valid, gl.SliceLayout(1, h_l))
+            h = gl.where(valid[:, None], h, 0.0)
+            amax = gl.convert_layout(gl.max(gl.abs(h), axis=1), row_l)
+            if part == 0:
+                h_smem.index(WG).store(h.to(ACT))  # read back below by the same threads (the same layout)
+                amax_lo = amax
+            else:
+                amax = gl.maximum(amax, amax_lo)
+                scale = gl.where(amax == 0.0, 1.0, gl.div_rn(amax, gl.full_like(amax, 448.0)))
+                scale_h = gl.convert_layout(scale, gl.SliceLayout(1, h_l))[:, None]
+                h_lo = h_smem.index(WG).load(h_l).to(gl.float32)
+                if FAST_DIV:
+                    q_lo = _quantize(h_lo, scale_h)
+                    q_hi = _quantize(h, scale_h)
+                else:
+                    q_lo = _quantize_ieee(h_lo, scale_h)
+                    q_hi = _quantize_ieee(h, scale_h)
+                tma.store_wait(pendings=0)  # the previous group's stores have left c_smem
+                c_smem.index(2 * WG).store(q_lo.to(c_desc.dtype))
+                c_smem.index(2 * WG + 1).store(q_hi.to(c_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem.index(2 * WG))
+                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N + HALF], c_smem.index(2 * WG + 1))
+                gl.store(cs_ptr + pid_n * P + offs_m, scale)
+        else:
+            tma.store_wait(pendings=0)
+            c_smem.index(WG).store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem.index(WG))
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _grouped_ws_kernel(
+    a_desc, as_ptr, b_desc, bs_ptr, sid_ptr, bexp_ptr, used_ptr, c_desc, cs_ptr,
+    P, N, K, num_valid, stride_bse, stride_bsn,
+    SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+):
+    """As _grouped_sorted_gluon_kernel (same operands), 128-row tiles: warpgroup 0 (this kernel's 4 warps)
+    and a worker warpgroup take 64 rows each, a 1-warp worker issues the TMA loads. The warpgroups wait
+    for their own wgmma, but not for each other, so one's scaling overlaps the other's MMA."""
+    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    HALF: gl.constexpr = BLOCK_N // 2
+    ITEMS: gl.constexpr = 2 if SWIGLU else 1
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+    h_smem = gl.allocate_shared_memory(ACT, [2, 64, HALF],
+                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+    if SWIGLU:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [4, 64, HALF], c_desc.layout)  # [warpgroup, half]
+    else:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BLOCK_N], c_desc.layout)
+    gl.warp_specialize([
+        (_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
+                        c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M,
+                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+        (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
+                        c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M,
+                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+        (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K, ITEMS, ALIGN_M,
+                        GROUP_M, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, 24])
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(ready.index(i))
+        mbarrier.invalidate(empty.index(i))

@@ -254,27 +254,32 @@ def test_per_group_quant_sorted_matches_per_group_quant():
 # the Gluon kernels (CUDA, Hopper): a warpgroup per 64 rows; K and I not multiples of 128, experts
 # with no rows, a used-block count below the buffers'
 GLUON_CASES = [(3, 144, 208, 83, 3), (6, 400, 272, 300, 2), (5, 128, 128, 1, 1), (53, 1408, 1408, 700, 3)]
-CFG_GU_GL = KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=4, num_warps=4, num_stages=2)
-CFG_DN_GL = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+# BLOCK_M 64: one warpgroup, asynchronous wgmma; 128: two consumer warpgroups and a TMA warp
+CFG_GL = {bm: (KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=4, num_warps=bm // 16, num_stages=2),
+               KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=3))
+          for bm in (64, 128)}
 
 
 @pytest.mark.parametrize("case,impl", [(c, "triton") for c in SORTED_CASES]
-                         + [pytest.param(c, "gluon", marks=pytest.mark.cuda) for c in GLUON_CASES])
+                         + [pytest.param(c, f"gluon{bm}", marks=pytest.mark.cuda) for c in GLUON_CASES
+                            for bm in (64, 128)])
 def test_sorted_stages_against_references(case, impl):
     """The persistent sorted-layout kernels (tl.dot, or Gluon on Hopper) on their own inputs: gate/up +
     SwiGLU + quant, then down (rows in sorted order), then the gathering combine; outputs poisoned
     first."""
-    if impl == "gluon" and not gg.gluon_ok("cuda"):
+    gluon_bm = int(impl[5:]) if impl.startswith("gluon") else None
+    if gluon_bm and not gg.gluon_ok("cuda"):
         pytest.skip("the Gluon kernels need compute capability 9.x and Triton with Gluon")
     e, i, d, t, k = case
     ex = _experts(e, i, d, seed=sum(case) + 1)
     ids, w = _routing(t, e, k, seed=t + 3)
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16).to(_dev())
     p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale,
-                        interleave=gg.INTERLEAVE["gluon" if impl == "gluon" else "sorted"])
+                        interleave=gg.INTERLEAVE["gluon" if gluon_bm else "sorted"])
     assert gg.sorted_path_ok(d, i)
-    align = 128 if impl == "gluon" else 16
-    cfg_gu, cfg_dn = (CFG_GU_GL, CFG_DN_GL) if impl == "gluon" else (CFG_GU_S, CFG_DN_S)
+    align = 128 if gluon_bm else 16
+    cfg_gu, cfg_dn = CFG_GL[gluon_bm] if gluon_bm else (CFG_GU_S, CFG_DN_S)
+    impl = "gluon" if gluon_bm else impl
     sid, bexp, pos, used = gg.moe_align(ids, e, align, with_pos=True)
     n_rows, ip = sid.numel(), p.w13.shape[1] // 2
     from fp8conv.kernels.act_quant import per_group_quant_sorted
