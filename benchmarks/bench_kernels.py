@@ -522,12 +522,12 @@ def _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, impl):
 
 def sweep_gluon(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
     """Configs of the Gluon kernels (gg.gluon_config_ok: a warpgroup per 64 rows)."""
-    for (bm, st), gm, ppsm in itertools.product([(64, 3), (64, 4), (128, 3), (128, 4)], (8,), (None,)):
+    for (bm, st), gm, ppsm in itertools.product([(64, 3), (128, 3), (128, 4), (128, 5)], (8,), (None,)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=gm, num_warps=bm // 16, num_stages=st)
         _sweep_one(m, f"gluon g/u {bm}x256 s{st} g{gm} p{ppsm or 'auto'}", gu_args, True, cfg, t13, f13, ppsm,
                    err_of, "gluon")
-    for (bm, bn, st), ppsm in itertools.product([(64, 128, 3), (64, 128, 4), (128, 128, 3), (128, 128, 4),
-                                                 (128, 128, 5)], (None,)):
+    for (bm, bn, st), ppsm in itertools.product([(64, 128, 3), (128, 128, 3), (128, 128, 4), (128, 128, 5),
+                                                 (128, 64, 4)], (None,)):
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st)
         _sweep_one(m, f"gluon down {bm}x{bn} s{st} p{ppsm or 'auto'}", dn_args, False, cfg, t2, f2, ppsm,
                    err_of, "gluon")

@@ -79,24 +79,24 @@ def _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_
 
 
 @gluon.jit
-def _step_scales(step, pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr, bs_ptr, bexp_ptr, P, stride_bse,
-                 stride_bsn, row_l: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr):
-    """(sa, sg, su) of this program's step-th K step: the activation group scales of the tile's rows
-    and the weight block's scale (SWIGLU: the gate block's and the up block's; else sg twice). Loaded a
-    few steps before their use: K-major activation scales are a new L2 line every step."""
-    pid_m, pid_n, part = _item_coords(step // k_tiles, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
-    kb = step % k_tiles
-    off_m = pid_m * BLOCK_M
-    sa = gl.load(as_ptr + kb * P + off_m + gl.arange(0, BLOCK_M, layout=row_l))
-    expert = gl.load(bexp_ptr + off_m // ALIGN_M)
-    if ITEMS == 2:  # gate/up: block pair pid_n (gate block 2 pid_n, up block 2 pid_n + 1)
-        bs = bs_ptr + expert.to(gl.int64) * stride_bse + (2 * pid_n) * stride_bsn + kb
-        return sa, gl.load(bs), gl.load(bs + stride_bsn)
+def _weight_scale_ptrs(bs_ptr, bexp_ptr, pid_m, pid_n, stride_bse, stride_bsn, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, SWIGLU: gl.constexpr, ALIGN_M: gl.constexpr):
+    """The K rows of this tile's weight block scales: (gate, up) for SWIGLU (block pair pid_n), else
+    the down weight's block of the tile's columns, twice."""
+    expert = gl.load(bexp_ptr + (pid_m * BLOCK_M) // ALIGN_M)
+    bs_base = bs_ptr + expert.to(gl.int64) * stride_bse
+    if SWIGLU:
+        bs_g = bs_base + (2 * pid_n) * stride_bsn
+        return bs_g, bs_g + stride_bsn
     else:
-        bs = bs_ptr + expert.to(gl.int64) * stride_bse + ((pid_n * BLOCK_N) // 128) * stride_bsn + kb
-        sg = gl.load(bs)
-        return sa, sg, sg
+        bs_g = bs_base + ((pid_n * BLOCK_N) // 128) * stride_bsn
+        return bs_g, bs_g
+
+
+@gluon.jit
+def _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u):
+    """K block kb's scales: the rows' activation group scales (K-major), the weight block's (gate, up)."""
+    return gl.load(as_ptr + kb * P + offs_m), gl.load(bs_g + kb), gl.load(bs_u + kb)
 
 
 @gluon.jit
@@ -193,18 +193,13 @@ def _grouped_sorted_gluon_kernel(
     # ptxas serialize every wgmma of the kernel (its warning C7514)
     x = zero
     y = zero
-    # the scales of steps 0 and 1 (then each step loads those of the step two ahead)
-    last = gl.maximum(total - 1, 0)
-    sa1, sg1, su1 = _step_scales(0, pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr, bs_ptr, bexp_ptr, P,
-                                 stride_bse, stride_bsn, row_l, BLOCK_M, BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
-    sa2, sg2, su2 = _step_scales(gl.minimum(1, last), pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr, bs_ptr,
-                                 bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M, BLOCK_N, ITEMS, ALIGN_M,
-                                 GROUP_M)
     step = 0
     for item in range(my_items):
         pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
         off_m = pid_m * BLOCK_M
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_l)
+        bs_g, bs_u = _weight_scale_ptrs(bs_ptr, bexp_ptr, pid_m, pid_n, stride_bse, stride_bsn, BLOCK_M, BLOCK_N,
+                                        SWIGLU, ALIGN_M)
         acc = zero
 
         # K block 0 into X; each later block's MMA is issued before the previous block's product is
@@ -213,21 +208,13 @@ def _grouped_sorted_gluon_kernel(
         mbarrier.wait(ready.index(s), (step // STAGES) & 1)
         x = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), x, use_acc=False, is_async=True)
         x = warpgroup_mma_wait(num_outstanding=1, deps=(x,))  # returns at once: X stays in flight
-        sax, sgx, sux = sa1, sg1, su1
-        sa1, sg1, su1 = sa2, sg2, su2
-        sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles, as_ptr,
-                                     bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M, BLOCK_N, ITEMS,
-                                     ALIGN_M, GROUP_M)
+        sax, sgx, sux = _kb_scales(0, as_ptr, P, offs_m, bs_g, bs_u)
         for kb in range(1, k_tiles - 1, 2):
             step += 1
             s = step % STAGES
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             y = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), y, use_acc=False, is_async=True)
-            say, sgy, suy = sa1, sg1, su1
-            sa1, sg1, su1 = sa2, sg2, su2
-            sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles,
-                                         as_ptr, bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M,
-                                         BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
+            say, sgy, suy = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)
             y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))  # X retires, Y stays in flight
             if step - 1 + STAGES < total:  # X's buffer takes the step STAGES ahead
                 _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
@@ -237,11 +224,7 @@ def _grouped_sorted_gluon_kernel(
             s = step % STAGES
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             x = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), x, use_acc=False, is_async=True)
-            sax, sgx, sux = sa1, sg1, su1
-            sa1, sg1, su1 = sa2, sg2, su2
-            sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles,
-                                         as_ptr, bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M,
-                                         BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
+            sax, sgx, sux = _kb_scales(kb + 1, as_ptr, P, offs_m, bs_g, bs_u)
             x, y = warpgroup_mma_wait(num_outstanding=1, deps=(x, y))
             if step - 1 + STAGES < total:
                 _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
@@ -252,11 +235,7 @@ def _grouped_sorted_gluon_kernel(
             s = step % STAGES
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             y = warpgroup_mma(a_smem.index(s), b_smem.index(s).permute((1, 0)), y, use_acc=False, is_async=True)
-            say, sgy, suy = sa1, sg1, su1
-            sa1, sg1, su1 = sa2, sg2, su2
-            sa2, sg2, su2 = _step_scales(gl.minimum(step + 2, last), pid, progs, num_pid_m, num_pid_n, k_tiles,
-                                         as_ptr, bs_ptr, bexp_ptr, P, stride_bse, stride_bsn, row_l, BLOCK_M,
-                                         BLOCK_N, ITEMS, ALIGN_M, GROUP_M)
+            say, sgy, suy = _kb_scales(k_tiles - 1, as_ptr, P, offs_m, bs_g, bs_u)
             y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))
             if step - 1 + STAGES < total:
                 _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
@@ -396,20 +375,12 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
         pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
         off_m = pid_m * BLOCK_M + 64 * WG
         offs_m = off_m + gl.arange(0, 64, layout=row_l)
-        expert = gl.load(bexp_ptr + (pid_m * BLOCK_M) // ALIGN_M)
-        bs_base = bs_ptr + expert.to(gl.int64) * stride_bse
-        if SWIGLU:
-            bs_g = bs_base + (2 * pid_n) * stride_bsn
-            bs_u = bs_g + stride_bsn
-        else:
-            bs_g = bs_base + ((pid_n * BLOCK_N) // BLOCK_K) * stride_bsn
-            bs_u = bs_g
+        bs_g, bs_u = _weight_scale_ptrs(bs_ptr, bexp_ptr, pid_m, pid_n, stride_bse, stride_bsn, BLOCK_M, BLOCK_N,
+                                        SWIGLU, ALIGN_M)
         acc = zero
         for kb in range(k_tiles):
             s = step % STAGES
-            sa = gl.load(as_ptr + kb * P + offs_m)  # in flight while this warpgroup waits
-            sg = gl.load(bs_g + kb)
-            su = gl.load(bs_u + kb)
+            sa, sg, su = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)  # in flight while this warpgroup waits
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             prod = warpgroup_mma(a_smem.index(s).slice(64 * WG, 64), b_smem.index(s).permute((1, 0)), zero,
                                  use_acc=False, is_async=True)
