@@ -72,6 +72,9 @@ def group_tiles(k: int, group: int = 128) -> tuple[int, int]:
 #   per K step). For the fused gate/up GEMM BLOCK_N must be 256 (128 gate + 128 up rows of one
 #   block each, giving one 128-wide 1x128 quantization group of the SwiGLU output); the down GEMM takes
 #   BLOCK_N 128. BLOCK_M is also the per-expert padding of the token segments.
+# fp8_grouped_gemm_gluon (the same GEMMs in Gluon, Hopper only: kernels/grouped_gemm_gluon.py): BLOCK_M
+#   64 at 4 warps (one warpgroup, asynchronous wgmma) or 128 at 8 (two consumer warpgroups and a TMA
+#   warp); BLOCK_N 256 for gate/up (two 128-row items), 64 or 128 for down.
 # act_quant: BLOCK_M = rows per program (power of two), num_warps; the other fields are unused.
 # topk (kernels/topk.py; m = rows R, n = row length C, k = k): BLOCK_N = elements per program chunk of
 #   the multi-program path (rows longer than topk.SMALL_C), a power of two between 16K and 1M chosen so
@@ -79,8 +82,13 @@ def group_tiles(k: int, group: int = 128) -> tuple[int, int]:
 #   elements per loop step (2048: 8 per thread keeps the filter at ~70 registers); num_warps 8; the
 #   other fields are unused.
 
+# rows per expert from which the Gluon grouped GEMM takes its 128-row warp-specialized form
+GLUON_WS_MIN_ROWS = 512
+
+
 def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
-    """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "act_quant", "topk") at
+    """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon",
+    "act_quant", "topk") at
     M tokens (rows per expert for the grouped GEMM: total rows / experts), N outputs, K inputs.
     gate_up: for the grouped GEMM, whether this is the fused gate/up GEMM (None: guessed as n > k,
     true of the packed [E, 2*I, d] weight whenever 2*I > d; callers that know should say)."""
@@ -122,6 +130,16 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
             return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
         # down: 64x128, 4 warps, 3 stages (gather layout with TMA: 1.16x _grouped_mm bf16 at 49152 rows)
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
+    if kernel == "fp8_grouped_gemm_gluon":
+        gu = (n > k) if gate_up is None else gate_up
+        if m >= GLUON_WS_MIN_ROWS:
+            # H100 sweep at 49152 rows (docs/benchmarks.md): the warp-specialized kernel, gate/up
+            # 128 x 256 s5 651 us (128 x 256 s3 675, 64 x 256 s3 795); down 128 x 128 s4 272 us (s5
+            # 272, s3 282, 64 x 128 s3 330)
+            return KernelConfig(BLOCK_M=128, BLOCK_N=256 if gu else 128, BLOCK_K=128, GROUP_M=8, num_warps=8,
+                                num_stages=5 if gu else 4)
+        return KernelConfig(BLOCK_M=64, BLOCK_N=256 if gu else 128, BLOCK_K=128, GROUP_M=8, num_warps=4,
+                            num_stages=3)
     if kernel == "act_quant":
         # rows per program (BLOCK_M, a power of two) so that a program holds ~4-8K lanes: a row computes
         # head + tail lanes (group_tiles), 12 groups of 128 at K = 1408, 32 at 3840. H100 sweep
@@ -133,8 +151,8 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         per_prog = -(-max(1, m) * max(1, n) // 1024)
         chunk = 1 << max(14, min(20, (per_prog - 1).bit_length()))
         return KernelConfig(BLOCK_M=1, BLOCK_N=chunk, BLOCK_K=2048, GROUP_M=1, num_warps=8, num_stages=1)
-    raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm', 'act_quant' or "
-                     f"'topk'")
+    raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm', "
+                     f"'fp8_grouped_gemm_gluon', 'act_quant' or 'topk'")
 
 
 def resolve_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> tuple[KernelConfig, str]:

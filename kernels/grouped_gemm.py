@@ -43,6 +43,7 @@ from fp8conv.kernels.config import KernelConfig, default_config, sorted_rows_ali
 from fp8conv.kernels.fp8_gemm import _num_sms, _tensor_descriptor, _tile_coords
 
 KERNEL_NAME = "fp8_grouped_gemm"
+GLUON_KERNEL = "fp8_grouped_gemm_gluon"  # its own defaults and tuning cache entries
 BLOCK = 128
 # w13's gate/up row interleave for each layout of fused_experts (pack_experts)
 INTERLEAVE = {"gluon": 1, "sorted": 64, "gather": 128}
@@ -470,10 +471,6 @@ def _grouped_sorted_kernel(
 
 
 _GLUON = None
-# the Gluon kernel's configs where a given one does not suit it (gluon_config_ok): gate/up 64 x 256 at 4
-# warps, down 128 x 128 at 8 (the tl.dot kernels' defaults, which suit it)
-GLUON_DEFAULTS = {True: KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
-                  False: KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)}
 
 
 def _gluon():
@@ -685,14 +682,12 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     needs sorted_path_ok and packed.interleave == 64), "gluon" (the same with the Gluon kernels; needs
     gluon_ok and interleave 1), "gather" (the GEMM gathers token rows, the down GEMM scatters its
     output; needs interleave 128), or "auto" (the one the packing was made for: expert_layout).
-    A config that does not suit the Gluon kernel (gluon_config_ok) is replaced there by its default."""
+    Configs default to default_config(GLUON_KERNEL, ...) for the Gluon layout, default_config(KERNEL_NAME,
+    ...) for the others; one given to the Gluon layout must pass gluon_config_ok."""
     t, d = x.shape
     k = topk_ids.shape[1]
     e = packed.num_experts
     rows_per_expert = max(1, t * k // e)
-    cfg1 = config_gate_up or default_config(KERNEL_NAME, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
-    cfg2 = config_down or default_config(KERNEL_NAME, rows_per_expert, d, packed.inter, gate_up=False)
-    align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
     if layout == "auto":  # the layout the experts were packed for, where it applies
         layout = {v: k for k, v in INTERLEAVE.items()}[packed.interleave]
         if layout != "gather" and not sorted_path_ok(d, packed.inter):
@@ -702,11 +697,11 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         raise ValueError(f"layout must be 'auto', 'gluon', 'sorted' or 'gather', got {layout!r}")
     if packed.interleave != INTERLEAVE[layout]:
         raise ValueError(f"the {layout} layout needs experts packed with interleave={INTERLEAVE[layout]}")
+    name = GLUON_KERNEL if layout == "gluon" else KERNEL_NAME
+    cfg1 = config_gate_up or default_config(name, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
+    cfg2 = config_down or default_config(name, rows_per_expert, d, packed.inter, gate_up=False)
+    align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
     if layout in ("sorted", "gluon"):
-        if layout == "gluon":
-            cfg1 = cfg1 if gluon_config_ok(cfg1, True) else GLUON_DEFAULTS[True]
-            cfg2 = cfg2 if gluon_config_ok(cfg2, False) else GLUON_DEFAULTS[False]
-            align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
         sorted_ids, block_expert, pos, used = moe_align(topk_ids, e, align_m, with_pos=True)
         p = sorted_ids.numel()
         xq, xs = per_group_quant_sorted(x, pos, p)

@@ -9,6 +9,7 @@ import torch
 from fp8conv import metrics
 from fp8conv import numerics as fp8
 from fp8conv.kernels import act_quant
+from fp8conv.kernels import grouped_gemm as gg
 from fp8conv.kernels.backend import TritonBackend
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
 from fp8conv.kernels.testing import TOL, TOL_CHAINED, check
@@ -108,6 +109,7 @@ def test_experts_dispatch_and_cache_under_interpreter():
     plain = _experts(4, 128, 128, g, quantized=False)
     torch.testing.assert_close(be.experts(x, ids, w, plain), ReferenceBackend().experts(x, ids, w, plain))
     assert be.calls["experts.fp8"] == 1 and be.calls["experts.reference"] == 1
+    assert be.calls["experts.sorted"] == 1  # aligned rows, no Gluon off Hopper: the tl.dot sorted layout
     assert len(be._packed) == 1
     del ex
     gc.collect()
@@ -213,6 +215,7 @@ def test_model_like_sequence_cuda():
     fp8_err = metrics.mean_rel_error(y_ref, y_bf16)
     check(y_fast, y_ref, tol=0.6 * fp8_err, what=f"chained block (FP8 reference vs bf16: {fp8_err:.2e})")
     assert be.calls["experts.fp8"] == 2 and be.calls["swiglu_mlp.fp8"] == 2
+    assert be.calls["experts.gluon" if gg.gluon_ok(h.device) else "experts.sorted"] == 2
 
 
 # -- top-k: configs from the tuning cache, as the GEMMs' ---------------------------------------------------

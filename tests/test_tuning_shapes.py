@@ -131,12 +131,15 @@ P_BIG = shapes.Problem("fp8_gemm", 1408, 1408, 32768, rows=32768)
 P_SMALL = shapes.Problem("fp8_gemm", 1408, 1408, 32, rows=32)
 P_GU = shapes.Problem("fp8_grouped_gemm", 2816, 1408, 1854, rows=98304, experts=53, top_k=3, swiglu=True)
 P_DN = shapes.Problem("fp8_grouped_gemm", 1408, 1408, 1854, rows=98304, experts=53, top_k=3, swiglu=False)
+P_GU_GL = dataclasses.replace(P_GU, kernel="fp8_grouped_gemm_gluon")
+P_DN_GL = dataclasses.replace(P_DN, kernel="fp8_grouped_gemm_gluon")
 
 
-@pytest.mark.parametrize("p", [P_BIG, P_SMALL, P_GU, P_DN], ids=["big", "small", "gate_up", "down"])
+@pytest.mark.parametrize("p", [P_BIG, P_SMALL, P_GU, P_DN, P_GU_GL, P_DN_GL],
+                         ids=["big", "small", "gate_up", "down", "gluon_gate_up", "gluon_down"])
 def test_candidates_fit_the_gpu_and_the_kernel(p):
     cs = cd.candidates(p, cd.H100, keep=16)
-    gate_up = {"gate_up": p.swiglu} if p.kernel == "fp8_grouped_gemm" else {}
+    gate_up = {"gate_up": p.swiglu} if p.kernel.startswith("fp8_grouped_gemm") else {}
     assert cs[0] == default_config(p.kernel, p.m, p.n, p.k, **gate_up)
     assert 2 <= len(cs) <= 16 and len(set(cs)) == len(cs)
     for c in cs[1:]:
@@ -144,6 +147,11 @@ def test_candidates_fit_the_gpu_and_the_kernel(p):
         assert cd.shared_bytes(p, c) <= cd.H100.max_shared
         if p.kernel == "fp8_grouped_gemm":
             assert c.BLOCK_K == 128 and (c.BLOCK_N == 256 or not p.swiglu)
+    if p.kernel == "fp8_grouped_gemm_gluon":  # only the Gluon kernel's two forms, both of them
+        from fp8conv.kernels.grouped_gemm import gluon_config_ok
+
+        assert all(gluon_config_ok(c, p.swiglu) for c in cs)
+        assert {c.BLOCK_M for c in cs} == {64, 128}
     if p is P_SMALL:  # no 256-row tiles for 32 tokens
         assert max(c.BLOCK_M for c in cs) <= 64
 
@@ -245,3 +253,17 @@ def test_topk_fits_and_cost_model():
         cd.estimate_us(T_ROWS, rows_d, cd.H100)
     # the top-k and the GEMMs' estimates do not depend on each other's branches
     assert cd.estimate_us(P_BIG, cd.candidates(P_BIG, cd.H100)[0], cd.H100) > 0
+
+
+def test_experts_take_the_grouped_kernel_the_backend_runs():
+    """The experts' problems carry the kernel name the backend looks its configs up by: the Gluon
+    kernel's where it runs (a Hopper GPU), the tl.dot kernel's elsewhere (this CPU)."""
+    cfg = preset("4b")
+    load = shapes.Load(batch=2, beam=4)
+    names = {p.kernel for p in shapes.derive(cfg, load) if p.experts}
+    assert names == {shapes.grouped_kernel(cfg.hidden_size, cfg.moe_intermediate_size)} == {"fp8_grouped_gemm"}
+    gl = [p for p in shapes.derive(cfg, load, grouped="fp8_grouped_gemm_gluon") if p.experts]
+    assert gl and {p.kernel for p in gl} == {"fp8_grouped_gemm_gluon"}
+    assert all(p.tunable for p in gl) and "gate_up" in gl[0].label() + gl[1].label()
+    assert default_config("fp8_grouped_gemm_gluon", 1024, 2816, 1408, gate_up=True).BLOCK_M == 128
+    assert default_config("fp8_grouped_gemm_gluon", 8, 1408, 1408, gate_up=False).BLOCK_M == 64

@@ -78,6 +78,10 @@ def _space(p: Problem):
     if p.kernel == "fp8_grouped_gemm":
         bns = (256,) if p.swiglu else (64, 128, 256)
         return itertools.product((64, 128), bns, (128,), (1, 8), (4, 8), (2, 3, 4, 5))
+    if p.kernel == "fp8_grouped_gemm_gluon":  # a warpgroup per 64 rows (grouped_gemm.gluon_config_ok)
+        bns = (256,) if p.swiglu else (64, 128)
+        return ((bm, bn, 128, gm, bm // 16, s) for bm, bn, gm, s in itertools.product((64, 128), bns, (1, 8),
+                                                                                      (2, 3, 4, 5)))
     raise ValueError(f"no tunable kernel {p.kernel!r}")
 
 
@@ -93,7 +97,12 @@ def _sorted_gate_up(p: Problem) -> bool:
 
 def shared_bytes(p: Problem, c: KernelConfig) -> int:
     """Shared memory of one program: the FP8 operand ring, plus for fp8_gemm the bf16 tile its TMA store
-    stages (the grouped GEMM stores from registers; its layout conversions reuse the ring)."""
+    stages (the grouped GEMM stores from registers; its layout conversions reuse the ring; the Gluon
+    one stages its output tile, bf16, and for gate/up the first item's SwiGLU columns)."""
+    if p.kernel == "fp8_grouped_gemm_gluon":
+        bn = 128 if p.swiglu else c.BLOCK_N  # the MMA width: one 128-row item of w13
+        out = c.BLOCK_M * 64 * (1 + 2) if p.swiglu else c.BLOCK_M * bn * 2
+        return c.num_stages * (c.BLOCK_M + bn) * c.BLOCK_K + out
     bn = c.BLOCK_N // 2 if _sorted_gate_up(p) else c.BLOCK_N
     ring = c.num_stages * (c.BLOCK_M + bn) * c.BLOCK_K
     epilogue = c.BLOCK_M * c.BLOCK_N * 2 if p.kernel == "fp8_gemm" else 0
@@ -116,6 +125,10 @@ def fits(p: Problem, c: KernelConfig, lim: Limits) -> str | None:
         return _topk_fits(p, c, lim)
     if shared_bytes(p, c) > lim.max_shared:
         return f"shared memory {shared_bytes(p, c)} > {lim.max_shared}"
+    if p.kernel == "fp8_grouped_gemm_gluon":  # its register use is fixed by the form (gluon_config_ok)
+        from fp8conv.kernels.grouped_gemm import gluon_config_ok
+
+        return None if gluon_config_ok(c, p.swiglu) else "not a form of the Gluon kernel"
     if acc_regs(p, c) > ACC_REGS_BUDGET:
         return f"accumulator needs {acc_regs(p, c)} registers per thread"
     # the accumulator plus ~64 registers of addresses, scales and loop state, for every thread
@@ -172,7 +185,7 @@ def _splits(p: Problem, bm: int, bn: int, bk: int, lim: Limits) -> tuple[int, ..
 
 
 def _default(p: Problem) -> KernelConfig:
-    if p.kernel == "fp8_grouped_gemm":
+    if p.kernel in ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon"):
         return default_config(p.kernel, p.m, p.n, p.k, gate_up=p.swiglu)
     return default_config(p.kernel, p.m, p.n, p.k)
 
@@ -199,7 +212,7 @@ def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
     if p.kernel == "topk":
         return _topk_us(p, c, lim)
     bm, bn, bk = c.BLOCK_M, c.BLOCK_N, c.BLOCK_K
-    if p.kernel == "fp8_grouped_gemm":
+    if p.kernel in ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon"):
         e = max(1, p.experts)
         per = p.rows / e  # rows per expert, assumed balanced; each segment padded to BLOCK_M
         rows_padded = e * math.ceil(per / bm) * bm

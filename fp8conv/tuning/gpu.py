@@ -145,7 +145,7 @@ class KernelBench:
         if p.kernel == "fp8_gemm":
             self.baseline_name = "torch._scaled_mm (rowwise)"
             self._setup_gemm(p)
-        elif p.kernel == "fp8_grouped_gemm":
+        elif p.kernel in ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon"):
             self.baseline_name = "torch._grouped_mm (bf16)"
             self._setup_grouped(p)
         elif p.kernel == "topk":
@@ -250,7 +250,7 @@ class KernelBench:
         if s["sorted"]:  # what fused_experts runs where TMA applies
             return grouped_gemm_sorted(a, sa, w, ws, sid, bexp, used, swiglu=p.swiglu,
                                        num_valid=s["rows"], out_dtype=OUT_DTYPE, align_m=cfg.BLOCK_M,
-                                       config=cfg, out=out)
+                                       config=cfg, out=out, impl="gluon" if s["gluon"] else "triton")
         return grouped_gemm_block_fp8(a, sa, w, ws, sid, bexp, topk=p.top_k, swiglu=p.swiglu,
                                       out_dtype=OUT_DTYPE, align_m=cfg.BLOCK_M, num_valid=s["rows"],
                                       config=cfg, out=out)
@@ -274,7 +274,7 @@ class KernelBench:
         s = self._s
         s.update(x=x, copies=1, ref_v=torch.topk(x, p.k, dim=-1, sorted=True).values)
 
-    # fp8_grouped_gemm ---------------------------------------------------------------------------------
+    # fp8_grouped_gemm, fp8_grouped_gemm_gluon ----------------------------------------------------------
     def _setup_grouped(self, p: Problem) -> None:
         """gate/up (swiglu): a = per-token activations (T, d), b = packed [E, 2I, d]; down: a = SwiGLU
         output rows in padded order (P, I), b = [E, d, I]. Routing: top-k distinct random experts."""
@@ -284,10 +284,11 @@ class KernelBench:
         ids = torch.rand(t, e, device=dev).argsort(dim=1)[:, :k].to(torch.int32)  # (T, k) distinct
         flat = ids.reshape(-1).long()
         s = self._s
-        from fp8conv.kernels.grouped_gemm import sorted_path_ok
+        from fp8conv.kernels.grouped_gemm import GLUON_KERNEL, INTERLEAVE, sorted_path_ok
 
         d, inter = (p.k, p.n // 2) if p.swiglu else (p.n, p.k)
-        s.update(ids=ids, rows=rows, align={}, sorted=sorted_path_ok(d, inter))
+        gluon = p.kernel == GLUON_KERNEL  # the Gluon kernels: the sorted layout, w13 interleaved by 1
+        s.update(ids=ids, rows=rows, align={}, sorted=gluon or sorted_path_ok(d, inter), gluon=gluon)
         if p.swiglu:
             gate = torch.randn(e, inter, d, device=dev) * 0.05
             up = torch.randn(e, inter, d, device=dev) * 0.05
@@ -297,7 +298,8 @@ class KernelBench:
 
             dummy = torch.zeros(e, d, inter, device=dev).to(torch.float8_e4m3fn)
             ds = torch.ones(e, -(-d // fp8.BLOCK), -(-inter // fp8.BLOCK), device=dev)
-            packed = pack_experts(gq, uq, dummy, gs, us, ds, interleave=64 if s["sorted"] else 128)
+            packed = pack_experts(gq, uq, dummy, gs, us, ds, interleave=INTERLEAVE[
+                "gluon" if gluon else "sorted" if s["sorted"] else "gather"])
             w, ws = packed.w13, packed.s13
             x = torch.randn(t, d, device=dev, dtype=OUT_DTYPE)
             xq, xs = fp8.quantize_per_group(x)

@@ -9,9 +9,10 @@ The shapes follow what the runtime (fp8conv.runtime.model, beam.py) and the Trit
   M_t = N_t tokens. The heads see N_t rows; the context projection sees batch x context tokens once.
 - ``channel`` Linears -> "fp8_gemm" with the [N, K] weight; a SwiGLU whose gate, up and down are all
   ``channel`` runs gate and up as one GEMM with N = 2 x width (the backend concatenates them).
-- ``block`` routed experts -> "fp8_grouped_gemm": gate/up packed as [E, 2 x Ip, d] (Ip = width rounded up
-  to 128) and down [E, d, I]; the config is looked up by M = max(1, tokens x top_k // E), rows per
-  expert on average, as the backend does.
+- ``block`` routed experts -> "fp8_grouped_gemm" ("fp8_grouped_gemm_gluon" where the backend takes the
+  Gluon kernels: a Hopper GPU here, rows 16-byte aligned; grouped_gemm.expert_layout): gate/up packed as
+  [E, 2 x Ip, d] (Ip = width rounded up to 128) and down [E, d, I]; the config is looked up by
+  M = max(1, tokens x top_k // E), rows per expert on average, as the backend does.
 - top-k over (batch, N_t / batch x K) candidates per step -> "topk" (kernels/topk.py), keyed by N = the
   row length, K = k kept and M = the rows (batch), as the backend looks it up.
 - ``keep`` tensors run in the source precision and need no FP8 kernel.
@@ -33,7 +34,8 @@ from fp8conv.errors import UserError
 from fp8conv.tuning.cache import bucket
 
 BLOCK = 128
-TUNABLE = ("fp8_gemm", "fp8_grouped_gemm", "topk")
+TUNABLE = ("fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon", "topk")
+GROUPED = ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon")
 
 # the built-in OneRec-V2 recipe's schemes (DESIGN, "FP8 numerics"), for checkpoints without FP8 weights
 _DEFAULT_RULES = (
@@ -80,7 +82,7 @@ class Problem:
         return (self.kernel, self.n, self.k, self.bucket)
 
     def label(self) -> str:
-        if self.kernel == "fp8_grouped_gemm":
+        if self.kernel in GROUPED:
             return (f"{self.kernel} {'gate_up' if self.swiglu else 'down'} E={self.experts} N={self.n} "
                     f"K={self.k} rows={self.rows} (M/expert {self.m})")
         if self.kernel == "topk":
@@ -172,8 +174,22 @@ def step_rows(cfg: OneRecConfig, load: Load) -> list[int]:
     return rows
 
 
-def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None) -> list[Problem]:
-    """Every distinct kernel problem, tunable ones first, merged by (kernel, N, K, M)."""
+def grouped_kernel(d: int, inter: int, device=None) -> str:
+    """The grouped GEMM the Triton backend runs for hidden size d and expert width inter on ``device``
+    (default: the current CUDA device where there is one, else the CPU): its tuning cache name."""
+    import torch
+
+    from fp8conv.kernels.grouped_gemm import GLUON_KERNEL, KERNEL_NAME, expert_layout
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return GLUON_KERNEL if expert_layout(d, inter, device) == "gluon" else KERNEL_NAME
+
+
+def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
+           grouped: str | None = None) -> list[Problem]:
+    """Every distinct kernel problem, tunable ones first, merged by (kernel, N, K, M). grouped: the
+    experts' kernel name (default: grouped_kernel on this machine)."""
     scheme = (lambda n: schemes.get(n, "keep")) if schemes is not None else default_scheme
     specs = tensor_specs(cfg)
     found: dict[tuple, Problem] = {}
@@ -210,7 +226,7 @@ def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None)
                         if kind == "channel":
                             gemm(x, m, f"{_generic(x[:-7])} @ {step}")
             if cfg.is_moe_layer(layer):
-                _experts(cfg, layer, m, step, scheme, add)
+                _experts(cfg, layer, m, step, scheme, add, grouped)
         for i in range(levels):  # heads: only the position being predicted (quantized only by a recipe)
             if i == t and scheme(f"lm_heads.{i}.proj.weight") == "channel":
                 gemm(f"lm_heads.{i}.proj.weight", n_rows, f"lm_heads.{i}.proj @ {step}")
@@ -225,7 +241,7 @@ def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None)
     return probs
 
 
-def _experts(cfg, layer, tokens, step, scheme, add) -> None:
+def _experts(cfg, layer, tokens, step, scheme, add, grouped) -> None:
     p = f"model.layers.{layer}.mlp.experts"
     kinds = {scheme(f"{p}.{e}.{x}_proj.weight") for e in range(cfg.n_routed_experts)
              for x in ("gate", "up", "down")}
@@ -236,9 +252,10 @@ def _experts(cfg, layer, tokens, step, scheme, add) -> None:
     rows = tokens * k
     m = max(1, rows // e)
     use = f"model.layers.*.mlp.experts @ {step}"
-    add(Problem("fp8_grouped_gemm", 2 * ip, d, m, rows=rows, experts=e, top_k=k, swiglu=True),
+    name = grouped or grouped_kernel(d, inter)
+    add(Problem(name, 2 * ip, d, m, rows=rows, experts=e, top_k=k, swiglu=True),
         use.replace("experts", "experts.gate_up"))
-    add(Problem("fp8_grouped_gemm", d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
+    add(Problem(name, d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
         use.replace("experts", "experts.down"))
 
 
