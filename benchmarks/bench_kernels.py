@@ -391,18 +391,25 @@ def bench_moe(ms, sweep):
         record("experts", "fp8 down", rows, D, INTER_E, k2, f2, rows * INTER_E + E * D * INTER_E + 2 * rows * D,
                t2, "_grouped_mm", err2)
         if use_gluon:
-            # the same operands through the Gluon kernels (async wgmma; w13 interleaved by 1), checked
-            # against the tl.dot kernels' outputs
-            gl13 = (xq_s, xs_s, packed_gl.w13, packed_gl.s13, sid_s, bexp_s, used)
-            run13 = lambda: gg.grouped_gemm_sorted(*gl13, swiglu=True, num_valid=rows, align_m=align,  # noqa: E731
-                                                   config=c1, impl="gluon")
+            # the same tokens through the Gluon kernels at their own defaults (w13 interleaved by 1; rows
+            # aligned to their BLOCK_M), checked against the tl.dot kernels' outputs row for row
+            gc1 = default_config(gg.GLUON_KERNEL, rpe, 2 * INTER_E, D, gate_up=True)
+            gc2 = default_config(gg.GLUON_KERNEL, rpe, D, INTER_E, gate_up=False)
+            galign = max(gc1.BLOCK_M, gc2.BLOCK_M)
+            sid_l, bexp_l, pos_l, used_l = gg.moe_align(ids, E, galign, with_pos=True)
+            xq_l, xs_l = act_quant.per_group_quant_sorted(x, pos_l, sid_l.numel())
+            fl_l = pos_l.reshape(-1).long()
+            gl13 = (xq_l, xs_l, packed_gl.w13, packed_gl.s13, sid_l, bexp_l, used_l)
+            run13 = lambda: gg.grouped_gemm_sorted(*gl13, swiglu=True, num_valid=rows, align_m=galign,  # noqa: E731
+                                                   config=gc1, impl="gluon")
             hq_l, hs_l = run13()
-            e13 = checked(fp8.dequantize(rows_of(hq_l, fl_pos), hs_l.t()[fl_pos].contiguous()),
+            e13 = checked(fp8.dequantize(rows_of(hq_l, fl_l), hs_l.t()[fl_l].contiguous()),
                           fp8.dequantize(rows_of(hq_s, fl_pos), hs_s.t()[fl_pos].contiguous()),
                           "gluon vs tl.dot gate/up", TOL)
-            run2 = lambda: gg.grouped_gemm_sorted(hq_l, hs_l, packed_gl.w2, packed_gl.s2, sid_s, bexp_s, used,  # noqa: E731
-                                                  swiglu=False, num_valid=rows, align_m=align, config=c2, impl="gluon")
-            e2 = checked(run2()[fl_pos], y_s[fl_pos], "gluon vs tl.dot down", TOL)
+            run2 = lambda: gg.grouped_gemm_sorted(hq_l, hs_l, packed_gl.w2, packed_gl.s2, sid_l, bexp_l,  # noqa: E731
+                                                  used_l, swiglu=False, num_valid=rows, align_m=galign, config=gc2,
+                                                  impl="gluon")
+            e2 = checked(run2()[fl_l], y_s[fl_pos], "gluon vs tl.dot down", TOL)
             l13, l2 = time_us(run13, [()]), time_us(run2, [()])
             record("experts", "fp8 gate/up+swiglu+q gluon", rows, 2 * INTER_E, D, l13, f13,
                    rows * D + E * 2 * INTER_E * D + rows * INTER_E, t13, "_grouped_mm", e13)
@@ -465,13 +472,15 @@ def bench_moe(ms, sweep):
                 return checked(out[fl8], y8[fl8], "sweep down", TOL)
 
             sweep_grouped(m, gu8, dn8, t13, t2, f13, f2, err_of)
-        if "gluon" in sweep and use_gluon and m == max(ms):
+        if "gluon" in sweep and use_gluon and m >= 4096:
             sid8, bexp8, pos8, used8 = gg.moe_align(ids, E, 128, with_pos=True)
             xq8, xs8 = act_quant.per_group_quant_sorted(x, pos8, sid8.numel())
             gu8 = (xq8, xs8, packed_gl.w13, packed_gl.s13, sid8, bexp8, used8)
-            hq8, hs8 = gg.grouped_gemm_sorted(*gu8, swiglu=True, num_valid=rows, align_m=128, config=c1, impl="gluon")
+            gd1 = default_config(gg.GLUON_KERNEL, rpe, 2 * INTER_E, D, gate_up=True)
+            gd2 = default_config(gg.GLUON_KERNEL, rpe, D, INTER_E, gate_up=False)
+            hq8, hs8 = gg.grouped_gemm_sorted(*gu8, swiglu=True, num_valid=rows, align_m=128, config=gd1, impl="gluon")
             dn8 = (hq8, hs8, packed_gl.w2, packed_gl.s2, sid8, bexp8, used8)
-            y8 = gg.grouped_gemm_sorted(*dn8, swiglu=False, num_valid=rows, align_m=128, config=c2, impl="gluon")
+            y8 = gg.grouped_gemm_sorted(*dn8, swiglu=False, num_valid=rows, align_m=128, config=gd2, impl="gluon")
             fl8 = pos8.reshape(-1).long()
 
             def err_gl(out, swiglu):
