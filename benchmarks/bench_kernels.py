@@ -305,7 +305,8 @@ def bench_moe(ms, sweep):
     db, dq, ds = qb(D, INTER_E)
     packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=64)  # the sorted layout's (serving path)
     packed_g = gg.pack_experts(gq, uq, dq, gs, us_, ds)  # the gather layout's, for its comparison rows
-    # the Gluon kernels (Hopper), fused_experts' layout where gg.gluon_ok: gate/up rows interleaved by 1
+    # the Gluon kernels (Hopper, where gg.gluon_ok): serving runs the down GEMM there; both GEMMs in
+    # Gluon (the "gluon" layout, gate/up rows interleaved by 1) are timed for comparison
     use_gluon = gg.gluon_ok("cuda")
     packed_gl = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1) if use_gluon else None
     w13b = gg._interleave_blocks(gb, ub, 128)  # same layout as the FP8 weight (I_E % 128 == 0)
@@ -417,7 +418,8 @@ def bench_moe(ms, sweep):
                    t2, "_grouped_mm", e2)
             if t13:
                 record("experts", "fp8 both GEMMs tl.dot", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm")
-            k13, k2 = l13, l2  # the serving path's times for the goal row below
+                record("experts", "fp8 both GEMMs gluon", m, 0, 0, l13 + l2, f13 + f2, 0, t13 + t2, "_grouped_mm")
+            k2 = l2  # the serving path (grouped_gemm.down_kernel): gate/up on tl.dot, down in Gluon
         g13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed_g.w13, packed_g.s13, sid, bexp, topk=TOPK,
                                                         swiglu=True, align_m=align, config=c1), [()])
         g2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed_g.w2, packed_g.s2, sid, bexp, topk=TOPK,
@@ -429,7 +431,7 @@ def bench_moe(ms, sweep):
             record("experts", "fp8 both GEMMs", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm",
                    None, {"goal": "grouped", "rows": rows})
         # whole layer: ours (quant, align, 2 GEMMs, combine) vs a bf16 torch pipeline
-        full = lambda a: gg.fused_experts(a, ids, tw, packed_gl or packed)  # noqa: E731 - the serving layout
+        full = lambda a: gg.fused_experts(a, ids, tw, packed)  # noqa: E731 - the serving layout
         if m <= 4096:
             from fp8conv.runtime.ops import Experts, ReferenceBackend
             ex = Experts(gq, uq, dq, gs, us_, ds, "bench")

@@ -92,8 +92,8 @@ def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_
     """Pack ops.Experts-style block-FP8 tensors (gate/up [E, I, d], down [E, d, I], block scales
     [E, ceil(rows/128), ceil(cols/128)]) for the grouped kernels: interleave 128 for the gather-layout
     kernel (grouped_gemm_block_fp8), 64 for the sorted-layout one (grouped_gemm_sorted), 1 for its
-    Gluon form (kernels/grouped_gemm_gluon.py): INTERLEAVE[expert_layout(...)]. See PackedExperts and
-    fused_experts."""
+    Gluon form (kernels/grouped_gemm_gluon.py, the opt-in "gluon" layout). Serving packs with
+    INTERLEAVE[expert_layout(d, I)]. See PackedExperts and fused_experts."""
     if interleave not in INTERLEAVE.values():
         raise ValueError(f"interleave must be 1, 64 or 128, got {interleave!r}")
     for t, name in ((gate, "gate"), (up, "up"), (down, "down")):
@@ -502,12 +502,18 @@ def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
             and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2)
 
 
-def expert_layout(d: int, inter: int, device) -> str:
-    """fused_experts' layout for hidden size d and expert width inter on ``device``: "gluon" (Hopper,
-    aligned rows), "sorted" (aligned rows), else "gather". Pack with INTERLEAVE[expert_layout(...)]."""
-    if not sorted_path_ok(d, inter):
-        return "gather"
-    return "gluon" if gluon_ok(device) else "sorted"
+def expert_layout(d: int, inter: int) -> str:
+    """fused_experts' serving layout for hidden size d and expert width inter: "sorted" where rows are
+    16-byte aligned, else "gather". Pack with INTERLEAVE[expert_layout(d, inter)]."""
+    return "sorted" if sorted_path_ok(d, inter) else "gather"
+
+
+def down_kernel(device) -> str:
+    """The kernel (tuning cache name) of the sorted layout's down GEMM on ``device``: the Gluon one where
+    it runs (H100 at 16384 tokens: 272 us against 305 for tl.dot, docs/benchmarks.md), else tl.dot.
+    The gate/up GEMM stays on tl.dot there: its Gluon form measured 651 us against 667 at 16384 tokens
+    and 199-209 against 183 at 4096 (its two warpgroups reach the SwiGLU epilogue together)."""
+    return GLUON_KERNEL if gluon_ok(device) else KERNEL_NAME
 
 
 def sorted_path_ok(d: int, inter: int) -> bool:
@@ -679,11 +685,11 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     """Routed experts, block FP8: x (T, d) bf16/fp16; topk_ids (T, k) int; topk_weights (T, k) float32
     -> (T, d) in x.dtype. Same result as ReferenceBackend.experts within the kernels' tolerance.
     layout: "sorted" (quantize x into expert-sorted rows, persistent TMA GEMMs, gather in the combine;
-    needs sorted_path_ok and packed.interleave == 64), "gluon" (the same with the Gluon kernels; needs
-    gluon_ok and interleave 1), "gather" (the GEMM gathers token rows, the down GEMM scatters its
-    output; needs interleave 128), or "auto" (the one the packing was made for: expert_layout).
-    Configs default to default_config(GLUON_KERNEL, ...) for the Gluon layout, default_config(KERNEL_NAME,
-    ...) for the others; one given to the Gluon layout must pass gluon_config_ok."""
+    needs sorted_path_ok and packed.interleave == 64; the down GEMM on down_kernel(x.device): Gluon on
+    Hopper), "gluon" (both GEMMs in Gluon; needs gluon_ok and interleave 1), "gather" (the GEMM gathers
+    token rows, the down GEMM scatters its output; needs interleave 128), or "auto" (the one the
+    packing was made for). Configs default to default_config of each GEMM's kernel (GLUON_KERNEL for
+    a Gluon GEMM, else KERNEL_NAME); one given to a Gluon GEMM must pass gluon_config_ok."""
     t, d = x.shape
     k = topk_ids.shape[1]
     e = packed.num_experts
@@ -697,18 +703,21 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         raise ValueError(f"layout must be 'auto', 'gluon', 'sorted' or 'gather', got {layout!r}")
     if packed.interleave != INTERLEAVE[layout]:
         raise ValueError(f"the {layout} layout needs experts packed with interleave={INTERLEAVE[layout]}")
-    name = GLUON_KERNEL if layout == "gluon" else KERNEL_NAME
-    cfg1 = config_gate_up or default_config(name, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
-    cfg2 = config_down or default_config(name, rows_per_expert, d, packed.inter, gate_up=False)
+    name1 = GLUON_KERNEL if layout == "gluon" else KERNEL_NAME
+    name2 = GLUON_KERNEL if layout == "gluon" else down_kernel(x.device) if layout == "sorted" else KERNEL_NAME
+    cfg1 = config_gate_up or default_config(name1, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
+    cfg2 = config_down or default_config(name2, rows_per_expert, d, packed.inter, gate_up=False)
     align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
     if layout in ("sorted", "gluon"):
         sorted_ids, block_expert, pos, used = moe_align(topk_ids, e, align_m, with_pos=True)
         p = sorted_ids.numel()
         xq, xs = per_group_quant_sorted(x, pos, p)
         run = dict(sorted_ids=sorted_ids, block_expert=block_expert, used_blocks=used, num_valid=t * k,
-                   out_dtype=x.dtype, align_m=align_m, impl="gluon" if layout == "gluon" else "triton")
-        hq, hs = grouped_gemm_sorted(xq, xs, packed.w13, packed.s13, swiglu=True, config=cfg1, **run)
-        y = grouped_gemm_sorted(hq, hs, packed.w2, packed.s2, swiglu=False, config=cfg2, **run)
+                   out_dtype=x.dtype, align_m=align_m)
+        impl = {GLUON_KERNEL: "gluon", KERNEL_NAME: "triton"}
+        hq, hs = grouped_gemm_sorted(xq, xs, packed.w13, packed.s13, swiglu=True, config=cfg1, impl=impl[name1],
+                                     **run)
+        y = grouped_gemm_sorted(hq, hs, packed.w2, packed.s2, swiglu=False, config=cfg2, impl=impl[name2], **run)
         return combine_topk(y, topk_weights, pos)
     xq, xs = per_group_quant(x)
     sorted_ids, block_expert = moe_align(topk_ids, e, align_m)

@@ -159,8 +159,8 @@ def test_config_constraints_are_enforced():
 @pytest.mark.cuda
 @pytest.mark.parametrize("t,k,interleave", list(itertools.product([1, 7, 83, 2048], [3], [1, 64, 128])))
 def test_fused_experts_vs_reference_backend_cuda(t, k, interleave):
-    """Every layout (interleave 1: Gluon, the serving path on Hopper; 64: sorted; 128: gather) at the 4b
-    preset's shapes."""
+    """Every layout (interleave 64: sorted, the serving path, its down GEMM in Gluon on Hopper; 1: both
+    GEMMs in Gluon; 128: gather) at the 4b preset's shapes."""
     if interleave == 1 and not gg.gluon_ok("cuda"):
         pytest.skip("the Gluon kernels need compute capability 9.x and Triton with Gluon")
     e, i, d = 53, 1408, 1408  # 4b preset experts
@@ -351,8 +351,9 @@ def test_fused_experts_layouts_agree():
     assert torch.equal(p1.s13, p.s13)  # the same 128-row block pairs: the same scales
     with pytest.raises(ValueError, match="interleave=1"):
         gg.fused_experts(x, ids, w, p, layout="gluon", **cfg)
+    assert gg.expert_layout(d, i) == "sorted" and gg.expert_layout(200, 150) == "gather"
     if not gg.gluon_ok(x.device):
-        assert gg.expert_layout(d, i, x.device) == "sorted" and gg.expert_layout(200, 150, x.device) == "gather"
+        assert gg.down_kernel(x.device) == gg.KERNEL_NAME
         with pytest.raises(RuntimeError, match="Gluon"):
             gg.fused_experts(x, ids, w, p1, **cfg)  # auto: the packing's layout, which cannot run here
 

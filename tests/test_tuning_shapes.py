@@ -256,14 +256,15 @@ def test_topk_fits_and_cost_model():
 
 
 def test_experts_take_the_grouped_kernel_the_backend_runs():
-    """The experts' problems carry the kernel name the backend looks its configs up by: the Gluon
-    kernel's where it runs (a Hopper GPU), the tl.dot kernel's elsewhere (this CPU)."""
+    """The experts' problems carry the kernel names the backend looks its configs up by: the down GEMM
+    the Gluon kernel's where that runs (a Hopper GPU), the tl.dot kernel's elsewhere (this CPU)."""
     cfg = preset("4b")
     load = shapes.Load(batch=2, beam=4)
     names = {p.kernel for p in shapes.derive(cfg, load) if p.experts}
-    assert names == {shapes.grouped_kernel(cfg.hidden_size, cfg.moe_intermediate_size)} == {"fp8_grouped_gemm"}
+    assert shapes.down_kernel(cfg.hidden_size, cfg.moe_intermediate_size) == "fp8_grouped_gemm"
+    assert names == {"fp8_grouped_gemm"}
     gl = [p for p in shapes.derive(cfg, load, grouped="fp8_grouped_gemm_gluon") if p.experts]
-    assert gl and {p.kernel for p in gl} == {"fp8_grouped_gemm_gluon"}
-    assert all(p.tunable for p in gl) and "gate_up" in gl[0].label() + gl[1].label()
+    assert {(p.kernel, p.swiglu) for p in gl} == {("fp8_grouped_gemm", True), ("fp8_grouped_gemm_gluon", False)}
+    assert all(p.tunable for p in gl) and "down" in " ".join(p.label() for p in gl)
     assert default_config("fp8_grouped_gemm_gluon", 1024, 2816, 1408, gate_up=True).BLOCK_M == 128
     assert default_config("fp8_grouped_gemm_gluon", 8, 1408, 1408, gate_up=False).BLOCK_M == 64

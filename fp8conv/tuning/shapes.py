@@ -9,9 +9,9 @@ The shapes follow what the runtime (fp8conv.runtime.model, beam.py) and the Trit
   M_t = N_t tokens. The heads see N_t rows; the context projection sees batch x context tokens once.
 - ``channel`` Linears -> "fp8_gemm" with the [N, K] weight; a SwiGLU whose gate, up and down are all
   ``channel`` runs gate and up as one GEMM with N = 2 x width (the backend concatenates them).
-- ``block`` routed experts -> "fp8_grouped_gemm" ("fp8_grouped_gemm_gluon" where the backend takes the
-  Gluon kernels: a Hopper GPU here, rows 16-byte aligned; grouped_gemm.expert_layout): gate/up packed as
-  [E, 2 x Ip, d] (Ip = width rounded up to 128) and down [E, d, I]; the config is looked up by
+- ``block`` routed experts -> "fp8_grouped_gemm": gate/up packed as [E, 2 x Ip, d] (Ip = width rounded up
+  to 128) and down [E, d, I] (the down GEMM "fp8_grouped_gemm_gluon" where the backend runs it in Gluon:
+  a Hopper GPU here and rows 16-byte aligned, grouped_gemm.down_kernel); the config is looked up by
   M = max(1, tokens x top_k // E), rows per expert on average, as the backend does.
 - top-k over (batch, N_t / batch x K) candidates per step -> "topk" (kernels/topk.py), keyed by N = the
   row length, K = k kept and M = the rows (batch), as the backend looks it up.
@@ -174,22 +174,22 @@ def step_rows(cfg: OneRecConfig, load: Load) -> list[int]:
     return rows
 
 
-def grouped_kernel(d: int, inter: int, device=None) -> str:
-    """The grouped GEMM the Triton backend runs for hidden size d and expert width inter on ``device``
-    (default: the current CUDA device where there is one, else the CPU): its tuning cache name."""
+def down_kernel(d: int, inter: int, device=None) -> str:
+    """The kernel (tuning cache name) of the experts' down GEMM the Triton backend runs for hidden size
+    d and expert width inter on ``device`` (default: the current CUDA device if any, else the CPU)."""
     import torch
 
-    from fp8conv.kernels.grouped_gemm import GLUON_KERNEL, KERNEL_NAME, expert_layout
+    from fp8conv.kernels import grouped_gemm as gg
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return GLUON_KERNEL if expert_layout(d, inter, device) == "gluon" else KERNEL_NAME
+    return gg.down_kernel(device) if gg.expert_layout(d, inter) == "sorted" else gg.KERNEL_NAME
 
 
 def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
            grouped: str | None = None) -> list[Problem]:
     """Every distinct kernel problem, tunable ones first, merged by (kernel, N, K, M). grouped: the
-    experts' kernel name (default: grouped_kernel on this machine)."""
+    experts' down GEMM's kernel name (default: down_kernel on this machine)."""
     scheme = (lambda n: schemes.get(n, "keep")) if schemes is not None else default_scheme
     specs = tensor_specs(cfg)
     found: dict[tuple, Problem] = {}
@@ -252,10 +252,9 @@ def _experts(cfg, layer, tokens, step, scheme, add, grouped) -> None:
     rows = tokens * k
     m = max(1, rows // e)
     use = f"model.layers.*.mlp.experts @ {step}"
-    name = grouped or grouped_kernel(d, inter)
-    add(Problem(name, 2 * ip, d, m, rows=rows, experts=e, top_k=k, swiglu=True),
+    add(Problem("fp8_grouped_gemm", 2 * ip, d, m, rows=rows, experts=e, top_k=k, swiglu=True),
         use.replace("experts", "experts.gate_up"))
-    add(Problem(name, d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
+    add(Problem(grouped or down_kernel(d, inter), d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
         use.replace("experts", "experts.down"))
 
 
