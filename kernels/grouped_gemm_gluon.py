@@ -370,6 +370,7 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
     zero = gl.zeros([64, BLOCK_N], gl.float32, acc_l)
     is_up = (gl.arange(0, BLOCK_N, layout=col_l) % 2) == 1
     amax_lo = gl.zeros([64], gl.float32, row_l)
+    prod = zero
     step = 0
     for item in range(my_items):
         pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
@@ -382,7 +383,8 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
             s = step % STAGES
             sa, sg, su = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)  # in flight while this warpgroup waits
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
-            prod = warpgroup_mma(a_smem.index(s).slice(64 * WG, 64), b_smem.index(s).permute((1, 0)), zero,
+            # use_acc=False: prod's registers are only the destination (no zeros to write first)
+            prod = warpgroup_mma(a_smem.index(s).slice(64 * WG, 64), b_smem.index(s).permute((1, 0)), prod,
                                  use_acc=False, is_async=True)
             prod = warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
             mbarrier.arrive(empty.index(s), count=1)
