@@ -473,21 +473,29 @@ def _grouped_sorted_kernel(
 _GLUON = None
 
 
+# the Triton minor version whose Gluon API the kernels are written against (3.9 renamed the TMA copies
+# to async_load / async_store and changed warp_specialize's arguments; Gluon is experimental): elsewhere
+# the tl.dot kernels run
+GLUON_TRITON = "3.6"
+
+
 def _gluon():
-    """kernels/grouped_gemm_gluon.py, or None where this Triton lacks Gluon's Hopper API."""
+    """kernels/grouped_gemm_gluon.py, or None where this Triton is not GLUON_TRITON or lacks Gluon."""
     global _GLUON
     if _GLUON is None:
-        try:
-            from fp8conv.kernels import grouped_gemm_gluon
-            _GLUON = grouped_gemm_gluon
-        except Exception:  # ImportError, or an older Gluon whose names differ
-            _GLUON = False
+        _GLUON = False
+        if ".".join(triton.__version__.split(".")[:2]) == GLUON_TRITON:
+            try:
+                from fp8conv.kernels import grouped_gemm_gluon
+                _GLUON = grouped_gemm_gluon
+            except Exception:  # ImportError: a build without Gluon's Hopper modules
+                pass
     return _GLUON or None
 
 
 def gluon_ok(device) -> bool:
     """Whether the Gluon sorted-layout kernels can run on ``device``: CUDA, compute capability 9.x (wgmma),
-    and Gluon in this Triton; FP8CONV_GLUON=0 turns them off (the tl.dot kernels run instead)."""
+    and Triton GLUON_TRITON with Gluon; FP8CONV_GLUON=0 turns them off (the tl.dot kernels run instead)."""
     device = torch.device(device)
     return (device.type == "cuda" and os.environ.get("FP8CONV_GLUON", "1") != "0"
             and torch.cuda.get_device_capability(device)[0] == 9 and _gluon() is not None)

@@ -23,8 +23,9 @@ activation dtype, as the reference rounds it) with its row maxima in registers.
 
 Numerics are those of grouped_gemm_sorted (products of each K block scaled by sa * sb and summed in
 float32 in K order; gate/up outputs, then SwiGLU's, rounded to the activation dtype; 1x128 groups
-quantized by quantize_values' arithmetic). This module imports only where Triton has Gluon with the
-Hopper wgmma API; it runs only on CUDA devices of compute capability 9.x (no interpreter).
+quantized by quantize_values' arithmetic). Written against Triton 3.6's Gluon API (grouped_gemm.GLUON_TRITON:
+later versions renamed the TMA copies and changed warp_specialize's arguments); runs only on CUDA
+devices of compute capability 9.x (no interpreter), where grouped_gemm.gluon_ok says so.
 """
 
 from __future__ import annotations

@@ -376,3 +376,20 @@ def test_sorted_layout_skewed_and_empty_routing(routing):
     if t:
         ref = ReferenceBackend().experts(x, ids, w, ex)
         check(out.cpu(), ref.cpu(), tol=TOL_CHAINED, what=f"sorted layout, {routing}")
+
+
+def test_gluon_kernels_only_on_the_triton_they_were_written_for(monkeypatch):
+    """The Gluon kernels use Triton 3.6's Gluon API (later versions renamed its TMA copies): another
+    Triton, or a CPU tensor, takes the tl.dot kernels."""
+    import triton
+
+    monkeypatch.setattr(gg, "_GLUON", None)
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert gg._gluon() is None and not gg.gluon_ok("cpu")
+    assert gg.down_kernel("cpu") == gg.KERNEL_NAME
+    monkeypatch.setattr(gg, "_GLUON", None)
+    monkeypatch.setattr(triton, "__version__", gg.GLUON_TRITON + ".0")
+    got = gg._gluon()
+    assert got is None or hasattr(got, "launch_sorted")  # None only where this Triton lacks Gluon
+    assert not gg.gluon_ok("cpu")
+    monkeypatch.setattr(gg, "_GLUON", None)  # the next caller looks again with the real version
