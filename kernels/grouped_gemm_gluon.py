@@ -137,6 +137,68 @@ def _quantize_ieee(y, scale):
 
 
 @gluon.jit
+def _schedule(used_ptr, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+              ITEMS: gl.constexpr, ALIGN_M: gl.constexpr):
+    """(num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total steps) of this program."""
+    num_pid_m = gl.load(used_ptr) * (ALIGN_M // BLOCK_M)
+    num_pid_n = gl.cdiv(N, BLOCK_N * ITEMS)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    pid = gl.program_id(0)
+    progs = gl.num_programs(0)
+    my_items = gl.cdiv(gl.maximum(num_pid_m * num_pid_n - pid, 0), progs) * ITEMS
+    return num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, my_items * k_tiles
+
+
+@gluon.jit
+def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_desc, cs_ptr, sid_ptr, num_valid, P,
+              row_l: gl.constexpr, SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr,
+              BLOCK_N: gl.constexpr):
+    """A finished item's output; returns the row maxima a first gate/up item leaves for the second.
+
+    SWIGLU: SwiGLU of the even (gate) and odd (up) columns, rounded as the reference rounds them, padding
+    rows zeroed; the first item's 64 columns wait in h_buf (stored and read back by the same threads, in
+    the same layout), the second item quantizes both halves with the group's scale and stores them (TMA,
+    c_lo / c_hi) and the scales (K-major). Else the tile in the output dtype through c_lo."""
+    HALF: gl.constexpr = BLOCK_N // 2
+    if SWIGLU:
+        g, u = gl.split(gl.reshape(acc, [acc.shape[0], HALF, 2]))
+        g = _round(g, ACT)
+        u = _round(u, ACT)
+        h = _round(g * (1.0 / (1.0 + gl.exp(-g))) * u, ACT)
+        h_l: gl.constexpr = g.type.layout
+        valid = gl.convert_layout(gl.load(sid_ptr + offs_m) < num_valid, gl.SliceLayout(1, h_l))
+        h = gl.where(valid[:, None], h, 0.0)
+        amax = gl.convert_layout(gl.max(gl.abs(h), axis=1), row_l)
+        if part == 0:
+            h_buf.store(h.to(ACT))
+            amax_lo = amax
+        else:
+            amax = gl.maximum(amax, amax_lo)
+            scale = gl.where(amax == 0.0, 1.0, gl.div_rn(amax, gl.full_like(amax, 448.0)))
+            scale_h = gl.convert_layout(scale, gl.SliceLayout(1, h_l))[:, None]
+            h_lo = h_buf.load(h_l).to(gl.float32)
+            if FAST_DIV:
+                q_lo = _quantize(h_lo, scale_h)
+                q_hi = _quantize(h, scale_h)
+            else:
+                q_lo = _quantize_ieee(h_lo, scale_h)
+                q_hi = _quantize_ieee(h, scale_h)
+            tma.store_wait(pendings=0)  # the previous group's stores have left c_lo / c_hi
+            c_lo.store(q_lo.to(c_desc.dtype))
+            c_hi.store(q_hi.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_lo)
+            tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N + HALF], c_hi)
+            gl.store(cs_ptr + pid_n * P + offs_m, scale)
+    else:
+        tma.store_wait(pendings=0)  # the previous tile's store has left c_lo
+        c_lo.store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_lo)
+    return amax_lo
+
+
+@gluon.jit
 def _grouped_sorted_gluon_kernel(
     # A descriptor (P, K') fp8 box [BLOCK_M, 128]; scales K-major (ceil(K'/128), P) float32.
     # B descriptor [E*N, K] fp8 box [BLOCK_N, 128] (SWIGLU: 128 = 64 gate + 64 up rows, interleave 1);
@@ -159,23 +221,18 @@ def _grouped_sorted_gluon_kernel(
     row_l: gl.constexpr = gl.SliceLayout(1, acc_l)
     col_l: gl.constexpr = gl.SliceLayout(0, acc_l)
 
-    num_pid_m = gl.load(used_ptr) * (ALIGN_M // BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N * ITEMS)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    pid = gl.program_id(0)
-    progs = gl.num_programs(0)
-    my_items = gl.cdiv(gl.maximum(num_pid_m * num_pid_n - pid, 0), progs) * ITEMS
-    total = my_items * k_tiles
+    num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total = _schedule(
+        used_ptr, N, K, BLOCK_M, BLOCK_N, BLOCK_K, ITEMS, ALIGN_M)
 
     a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
+    h_smem = gl.allocate_shared_memory(ACT, [BLOCK_M, HALF],
+                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
     if SWIGLU:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, HALF], c_desc.layout)
-        h_smem = gl.allocate_shared_memory(ACT, [BLOCK_M, HALF],
-                                           gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
     else:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
 
@@ -253,42 +310,11 @@ def _grouped_sorted_gluon_kernel(
         step += 1
 
         if SWIGLU:
-            g, u = gl.split(gl.reshape(acc, [BLOCK_M, HALF, 2]))
-            g = _round(g, ACT)
-            u = _round(u, ACT)
-            h = _round(g * (1.0 / (1.0 + gl.exp(-g))) * u, ACT)
-            valid = gl.load(sid_ptr + offs_m) < num_valid
-            h_l: gl.constexpr = g.type.layout
-            valid = gl.convert_layout(valid, gl.SliceLayout(1, h_l))
-            h = gl.where(valid[:, None], h, 0.0)
-            amax = gl.convert_layout(gl.max(gl.abs(h), axis=1), row_l)
-            if part == 0:
-                gl.thread_barrier()  # the previous group's reads of h_smem are done
-                h_smem.store(h.to(ACT))
-                amax_lo = amax
-            else:
-                amax = gl.maximum(amax, amax_lo)
-                scale = gl.where(amax == 0.0, 1.0, gl.div_rn(amax, gl.full_like(amax, 448.0)))
-                scale_h = gl.convert_layout(scale, gl.SliceLayout(1, h_l))[:, None]
-                h_lo = h_smem.load(h_l).to(gl.float32)
-                if FAST_DIV:
-                    q_lo = _quantize(h_lo, scale_h)
-                    q_hi = _quantize(h, scale_h)
-                else:
-                    q_lo = _quantize_ieee(h_lo, scale_h)
-                    q_hi = _quantize_ieee(h, scale_h)
-                tma.store_wait(pendings=0)  # the previous group's stores have left c_smem
-                c_smem.index(0).store(q_lo.to(c_desc.dtype))
-                c_smem.index(1).store(q_hi.to(c_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem.index(0))
-                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N + HALF], c_smem.index(1))
-                gl.store(cs_ptr + pid_n * P + offs_m, scale)
+            amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem, c_smem.index(0), c_smem.index(1),
+                                c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV, BLOCK_N)
         else:
-            tma.store_wait(pendings=0)
-            c_smem.store(acc.to(c_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem)
+            amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem, c_smem, c_smem, c_desc, cs_ptr,
+                                sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV, BLOCK_N)
     tma.store_wait(pendings=0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -323,19 +349,6 @@ def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_block
 
 
 # -- warp-specialized form: a TMA producer warp and two consumer warpgroups ------------------------------
-
-@gluon.jit
-def _schedule(used_ptr, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-              ITEMS: gl.constexpr, ALIGN_M: gl.constexpr):
-    """(num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total steps) of this program."""
-    num_pid_m = gl.load(used_ptr) * (ALIGN_M // BLOCK_M)
-    num_pid_n = gl.cdiv(N, BLOCK_N * ITEMS)
-    k_tiles = gl.cdiv(K, BLOCK_K)
-    pid = gl.program_id(0)
-    progs = gl.num_programs(0)
-    my_items = gl.cdiv(gl.maximum(num_pid_m * num_pid_n - pid, 0), progs) * ITEMS
-    return num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, my_items * k_tiles
-
 
 @gluon.jit
 def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
@@ -393,40 +406,13 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
             step += 1
 
         if SWIGLU:
-            g, u = gl.split(gl.reshape(acc, [64, HALF, 2]))
-            g = _round(g, ACT)
-            u = _round(u, ACT)
-            h = _round(g * (1.0 / (1.0 + gl.exp(-g))) * u, ACT)
-            h_l: gl.constexpr = g.type.layout
-            valid = gl.convert_layout(gl.load(sid_ptr + offs_m) < num_valid, gl.SliceLayout(1, h_l))
-            h = gl.where(valid[:, None], h, 0.0)
-            amax = gl.convert_layout(gl.max(gl.abs(h), axis=1), row_l)
-            if part == 0:
-                h_smem.index(WG).store(h.to(ACT))  # read back below by the same threads (the same layout)
-                amax_lo = amax
-            else:
-                amax = gl.maximum(amax, amax_lo)
-                scale = gl.where(amax == 0.0, 1.0, gl.div_rn(amax, gl.full_like(amax, 448.0)))
-                scale_h = gl.convert_layout(scale, gl.SliceLayout(1, h_l))[:, None]
-                h_lo = h_smem.index(WG).load(h_l).to(gl.float32)
-                if FAST_DIV:
-                    q_lo = _quantize(h_lo, scale_h)
-                    q_hi = _quantize(h, scale_h)
-                else:
-                    q_lo = _quantize_ieee(h_lo, scale_h)
-                    q_hi = _quantize_ieee(h, scale_h)
-                tma.store_wait(pendings=0)  # the previous group's stores have left c_smem
-                c_smem.index(2 * WG).store(q_lo.to(c_desc.dtype))
-                c_smem.index(2 * WG + 1).store(q_hi.to(c_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem.index(2 * WG))
-                tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N + HALF], c_smem.index(2 * WG + 1))
-                gl.store(cs_ptr + pid_n * P + offs_m, scale)
+            amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(2 * WG),
+                                c_smem.index(2 * WG + 1), c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT,
+                                FAST_DIV, BLOCK_N)
         else:
-            tma.store_wait(pendings=0)
-            c_smem.index(WG).store(acc.to(c_desc.dtype))
-            fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [off_m, pid_n * BLOCK_N], c_smem.index(WG))
+            amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(WG),
+                                c_smem.index(WG), c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV,
+                                BLOCK_N)
     tma.store_wait(pendings=0)
 
 
