@@ -179,7 +179,7 @@ class TritonBackend(ReferenceBackend):
         layout = expert_layout(d, inter)  # sorted, or gather (unaligned rows)
         packed = self._cached((w,), lambda: pack_experts(w.gate, w.up, w.down, *scales,
                                                          interleave=INTERLEAVE[layout]))
-        down = down_kernel(x.device) if layout == "sorted" else GROUPED  # each kernel tuned on its own
+        down = down_kernel(x.device, layout)  # each kernel tuned on its own
         self.calls[f"experts.{layout}"] += 1
         self.calls[f"experts.down.{down}"] += 1
         t, d = x.shape

@@ -47,8 +47,6 @@ GLUON_KERNEL = "fp8_grouped_gemm_gluon"  # its own defaults and tuning cache ent
 BLOCK = 128
 # w13's gate/up row interleave for each layout of fused_experts (pack_experts)
 INTERLEAVE = {"gluon": 1, "sorted": 64, "gather": 128}
-# w13's gate/up row interleave for each layout of fused_experts (pack_experts)
-INTERLEAVE = {"gluon": 1, "sorted": 64, "gather": 128}
 _ACT_CODE = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
@@ -284,9 +282,10 @@ def _grouped_gemm_block_fp8_kernel(
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=valid[:, None] & nmask[None, :])
 
 
-def _check_common(a, b, sorted_ids, swiglu: bool, out_dtype, align_m, config):
-    """The checks both grouped launchers share; returns (config, align_m) with their defaults filled in."""
-    cfg = config or default_config(KERNEL_NAME, 1 + sorted_ids.numel() // max(1, b.shape[0]),
+def _check_common(a, b, sorted_ids, swiglu: bool, out_dtype, align_m, config, kernel: str = KERNEL_NAME):
+    """The checks both grouped launchers share; returns (config, align_m) with their defaults filled in
+    (``kernel``'s default: GLUON_KERNEL's for the Gluon kernels)."""
+    cfg = config or default_config(kernel, 1 + sorted_ids.numel() // max(1, b.shape[0]),
                                    b.shape[1], b.shape[2], gate_up=swiglu)
     align_m = align_m or cfg.BLOCK_M
     if cfg.BLOCK_K != BLOCK:
@@ -516,12 +515,15 @@ def expert_layout(d: int, inter: int) -> str:
     return "sorted" if sorted_path_ok(d, inter) else "gather"
 
 
-def down_kernel(device) -> str:
-    """The kernel (tuning cache name) of the sorted layout's down GEMM on ``device``: the Gluon one where
-    it runs (H100 at 16384 tokens: 272 us against 305 for tl.dot, docs/benchmarks.md), else tl.dot.
-    The gate/up GEMM stays on tl.dot there: its Gluon form measured 651 us against 667 at 16384 tokens
-    and 199-209 against 183 at 4096 (its two warpgroups reach the SwiGLU epilogue together)."""
-    return GLUON_KERNEL if gluon_ok(device) else KERNEL_NAME
+def down_kernel(device, layout: str = "sorted") -> str:
+    """The kernel (tuning cache name) of fused_experts' down GEMM in ``layout`` on ``device``: in the
+    sorted layout the Gluon one where it runs (H100 at 16384 tokens: 272 us against 305 for tl.dot,
+    docs/benchmarks.md), else tl.dot; GLUON_KERNEL in the gluon layout, KERNEL_NAME in the gather one.
+    The sorted layout's gate/up GEMM stays on tl.dot: its Gluon form measured 651 us against 667 at
+    16384 tokens and 199-209 against 183 at 4096 (its two warpgroups reach the SwiGLU epilogue together)."""
+    if layout == "gluon":
+        return GLUON_KERNEL
+    return GLUON_KERNEL if layout == "sorted" and gluon_ok(device) else KERNEL_NAME
 
 
 def sorted_path_ok(d: int, inter: int) -> bool:
@@ -555,7 +557,8 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
       of kernels/grouped_gemm_gluon.py, where gluon_ok(device); b = w13 packed with interleave 1 for
       swiglu; config must pass gluon_config_ok).
     """
-    cfg, align_m = _check_common(a, b, sorted_ids, swiglu, out_dtype, align_m, config)
+    cfg, align_m = _check_common(a, b, sorted_ids, swiglu, out_dtype, align_m, config,
+                                 GLUON_KERNEL if impl == "gluon" else KERNEL_NAME)
     TD = _tensor_descriptor()
     if TD is None:
         raise RuntimeError("grouped_gemm_sorted needs Triton tensor descriptors (Triton >= 3.4)")
@@ -712,7 +715,7 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     if packed.interleave != INTERLEAVE[layout]:
         raise ValueError(f"the {layout} layout needs experts packed with interleave={INTERLEAVE[layout]}")
     name1 = GLUON_KERNEL if layout == "gluon" else KERNEL_NAME
-    name2 = GLUON_KERNEL if layout == "gluon" else down_kernel(x.device) if layout == "sorted" else KERNEL_NAME
+    name2 = down_kernel(x.device, layout)
     cfg1 = config_gate_up or default_config(name1, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
     cfg2 = config_down or default_config(name2, rows_per_expert, d, packed.inter, gate_up=False)
     align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)

@@ -387,6 +387,8 @@ def test_gluon_kernels_only_on_the_triton_they_were_written_for(monkeypatch):
     monkeypatch.setattr(triton, "__version__", "3.9.0")
     assert gg._gluon() is None and not gg.gluon_ok("cpu")
     assert gg.down_kernel("cpu") == gg.KERNEL_NAME
+    # the down GEMM's kernel per layout: the gluon layout always Gluon, the gather layout always tl.dot
+    assert gg.down_kernel("cpu", "gluon") == gg.GLUON_KERNEL and gg.down_kernel("cuda", "gather") == gg.KERNEL_NAME
     monkeypatch.setattr(gg, "_GLUON", None)
     monkeypatch.setattr(triton, "__version__", gg.GLUON_TRITON + ".0")
     got = gg._gluon()

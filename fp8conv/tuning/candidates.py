@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 
 from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config
-from fp8conv.tuning.shapes import Problem
+from fp8conv.tuning.shapes import GROUPED, Problem
 
 ACC_REGS_BUDGET = 160  # fp32 accumulator registers per thread beyond which spills start (docs/kernels.md)
 
@@ -185,7 +185,7 @@ def _splits(p: Problem, bm: int, bn: int, bk: int, lim: Limits) -> tuple[int, ..
 
 
 def _default(p: Problem) -> KernelConfig:
-    if p.kernel in ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon"):
+    if p.kernel in GROUPED:
         return default_config(p.kernel, p.m, p.n, p.k, gate_up=p.swiglu)
     return default_config(p.kernel, p.m, p.n, p.k)
 
@@ -212,7 +212,7 @@ def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
     if p.kernel == "topk":
         return _topk_us(p, c, lim)
     bm, bn, bk = c.BLOCK_M, c.BLOCK_N, c.BLOCK_K
-    if p.kernel in ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon"):
+    if p.kernel in GROUPED:
         e = max(1, p.experts)
         per = p.rows / e  # rows per expert, assumed balanced; each segment padded to BLOCK_M
         rows_padded = e * math.ceil(per / bm) * bm

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from fp8conv import metrics
 from fp8conv import numerics as fp8
 from fp8conv.kernels.config import KernelConfig
-from fp8conv.tuning.shapes import Problem
+from fp8conv.tuning.shapes import GROUPED, Problem
 
 OUT_DTYPE = torch.bfloat16
 TOPK_METRIC = "exact top-k (values == torch.topk's, distinct indices gathering them): 0 exact, inf not"
@@ -145,7 +145,7 @@ class KernelBench:
         if p.kernel == "fp8_gemm":
             self.baseline_name = "torch._scaled_mm (rowwise)"
             self._setup_gemm(p)
-        elif p.kernel in ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon"):
+        elif p.kernel in GROUPED:
             self.baseline_name = "torch._grouped_mm (bf16)"
             self._setup_grouped(p)
         elif p.kernel == "topk":

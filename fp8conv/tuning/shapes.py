@@ -183,7 +183,7 @@ def down_kernel(d: int, inter: int, device=None) -> str:
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return gg.down_kernel(device) if gg.expert_layout(d, inter) == "sorted" else gg.KERNEL_NAME
+    return gg.down_kernel(device, gg.expert_layout(d, inter))
 
 
 def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
@@ -193,6 +193,7 @@ def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
     scheme = (lambda n: schemes.get(n, "keep")) if schemes is not None else default_scheme
     specs = tensor_specs(cfg)
     found: dict[tuple, Problem] = {}
+    grouped = grouped or down_kernel(cfg.hidden_size, cfg.moe_intermediate_size)
 
     def add(p: Problem, use: str) -> None:
         key = (p.kernel, p.n, p.k, p.m, p.swiglu)
@@ -254,7 +255,7 @@ def _experts(cfg, layer, tokens, step, scheme, add, grouped) -> None:
     use = f"model.layers.*.mlp.experts @ {step}"
     add(Problem("fp8_grouped_gemm", 2 * ip, d, m, rows=rows, experts=e, top_k=k, swiglu=True),
         use.replace("experts", "experts.gate_up"))
-    add(Problem(grouped or down_kernel(d, inter), d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
+    add(Problem(grouped, d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
         use.replace("experts", "experts.down"))
 
 
