@@ -533,15 +533,16 @@ def _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, impl):
 
 def sweep_gluon(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
     """Configs of the Gluon kernels (gg.gluon_config_ok: a warpgroup per 64 rows)."""
-    for (bm, st), gm, ppsm in itertools.product([(64, 3), (128, 3), (128, 4), (128, 5)], (8,), (None,)):
-        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=gm, num_warps=bm // 16, num_stages=st)
-        _sweep_one(m, f"gluon g/u {bm}x256 s{st} g{gm} p{ppsm or 'auto'}", gu_args, True, cfg, t13, f13, ppsm,
-                   err_of, "gluon")
-    for (bm, bn, st), ppsm in itertools.product([(64, 128, 3), (128, 128, 3), (128, 128, 4), (128, 128, 5),
-                                                 (128, 64, 4)], (None,)):
-        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st)
-        _sweep_one(m, f"gluon down {bm}x{bn} s{st} p{ppsm or 'auto'}", dn_args, False, cfg, t2, f2, ppsm,
-                   err_of, "gluon")
+    # the warp-specialized form (BLOCK_M 128) with its second warpgroup LAG steps behind (KernelConfig.LAG)
+    ws = [(128, st, lag) for st in (4, 5, 6) for lag in range(0, min(st, 4))]
+    for bm, st, lag in [(64, 3, 0)] + ws:
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st,
+                           LAG=lag)
+        _sweep_one(m, f"gluon g/u {bm}x256 s{st} lag{lag}", gu_args, True, cfg, t13, f13, None, err_of, "gluon")
+    for bm, st, lag in [(64, 3, 0)] + ws + [(128, 6, 4), (128, 6, 5)]:
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st,
+                           LAG=lag)
+        _sweep_one(m, f"gluon down {bm}x128 s{st} lag{lag}", dn_args, False, cfg, t2, f2, None, err_of, "gluon")
 
 
 # -- summary -------------------------------------------------------------------------------------------

@@ -326,11 +326,13 @@ def _nvmma(block, dtype):
 
 def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_blocks, c, cs, *, swiglu: bool,
                   num_valid: int, out_dtype: torch.dtype, align_m: int, block_m: int, block_n: int, group_m: int,
-                  stages: int, programs: int):
+                  stages: int, programs: int, lag: int = 0, warmup: bool = False):
     """Launch a Gluon kernel on checked operands (grouped_gemm.grouped_gemm_sorted checks them): block_m
     128 takes the warp-specialized kernel (two consumer warpgroups and a TMA warp), 64 the single
     warpgroup one with asynchronous wgmma; block_n is the MMA width (128 for gate/up: one item of 64
-    gate + 64 up rows); programs the grid. Returns the compiled kernel."""
+    gate + 64 up rows); programs the grid; lag the warp-specialized kernel's LAG (KernelConfig.LAG).
+    Returns the compiled kernel; warmup=True compiles it without launching (its registers and shared
+    memory size the persistent grid)."""
     e, n, k = b.shape
     p = sorted_ids.numel()
     ws = block_m == 128
@@ -344,8 +346,12 @@ def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_block
     meta = dict(SWIGLU=swiglu, ACT=_GL_ACT[out_dtype], FAST_DIV=out_dtype != torch.float32, ALIGN_M=align_m,
                 GROUP_M=group_m, STAGES=stages)
     if ws:
-        return _grouped_ws_kernel[(programs,)](*args, **meta, CONSUMER_REGS=232, num_warps=4)
-    return _grouped_sorted_gluon_kernel[(programs,)](*args, **meta, num_warps=4)
+        kernel, meta = _grouped_ws_kernel, dict(meta, CONSUMER_REGS=232, LAG=lag)
+    else:
+        kernel = _grouped_sorted_gluon_kernel
+    if warmup:
+        return kernel.warmup(*args, grid=(1,), **meta, num_warps=4)
+    return kernel[(programs,)](*args, **meta, num_warps=4)
 
 
 # -- warp-specialized form: a TMA producer warp and two consumer warpgroups ------------------------------
@@ -367,11 +373,11 @@ def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_pt
 
 
 @gluon.jit
-def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
-                 used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn,
+def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, go, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                 bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn,
                  SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr):
+                 BLOCK_K: gl.constexpr, LAG: gl.constexpr):
     """Rows [64 WG, 64 WG + 64) of every tile: per K block one synchronous wgmma (the other warpgroup's
     runs meanwhile), the buffer released, the product scaled into the sum; then the epilogue."""
     ITEMS: gl.constexpr = 2 if SWIGLU else 1
@@ -386,6 +392,9 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
     amax_lo = gl.zeros([64], gl.float32, row_l)
     prod = zero
     step = 0
+    if LAG > 0:
+        if WG == 1:  # start LAG steps behind warpgroup 0, so that the two epilogues do not coincide
+            mbarrier.wait(go.index(0), 0)
     for item in range(my_items):
         pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
         off_m = pid_m * BLOCK_M + 64 * WG
@@ -395,6 +404,9 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
         acc = zero
         for kb in range(k_tiles):
             s = step % STAGES
+            if LAG > 0:
+                if WG == 0:
+                    mbarrier.arrive(go.index(0), pred=step == LAG)
             sa, sg, su = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)  # in flight while this warpgroup waits
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             # use_acc=False: prod's registers are only the destination (no zeros to write first)
@@ -413,6 +425,9 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(WG),
                                 c_smem.index(WG), c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV,
                                 BLOCK_N)
+    if LAG > 0:
+        if WG == 0:  # fewer steps than LAG: release warpgroup 1 all the same
+            mbarrier.arrive(go.index(0), pred=total <= LAG)
     tma.store_wait(pendings=0)
 
 
@@ -421,7 +436,8 @@ def _grouped_ws_kernel(
     a_desc, as_ptr, b_desc, bs_ptr, sid_ptr, bexp_ptr, used_ptr, c_desc, cs_ptr,
     P, N, K, num_valid, stride_bse, stride_bsn,
     SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, num_warps: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LAG: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     """As _grouped_sorted_gluon_kernel (same operands), 128-row tiles: warpgroup 0 (this kernel's 4 warps)
     and a worker warpgroup take 64 rows each, a 1-warp worker issues the TMA loads. The warpgroups wait
@@ -438,6 +454,8 @@ def _grouped_ws_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
+    go = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(go.index(0), count=1)
     h_smem = gl.allocate_shared_memory(ACT, [2, 64, HALF],
                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
     if SWIGLU:
@@ -445,15 +463,16 @@ def _grouped_ws_kernel(
     else:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BLOCK_N], c_desc.layout)
     gl.warp_specialize([
-        (_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
+        (_ws_consumer, (0, a_smem, b_smem, ready, empty, go, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
                         c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M,
-                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
-        (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
+                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, LAG)),
+        (_ws_consumer, (1, a_smem, b_smem, ready, empty, go, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
                         c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M,
-                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, LAG)),
         (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K, ITEMS, ALIGN_M,
                         GROUP_M, STAGES)),
     ], [4, 1], [CONSUMER_REGS, 24])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
+    mbarrier.invalidate(go.index(0))

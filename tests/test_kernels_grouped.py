@@ -5,6 +5,7 @@ Each stage is checked on its own inputs against the 1e-3 gate (end to end, a sec
 quantization of a GEMM output amplifies accumulation-order differences: kernels/testing.py,
 TOL_CHAINED; that comparison with ReferenceBackend is a CUDA test)."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -255,19 +256,21 @@ def test_per_group_quant_sorted_matches_per_group_quant():
 # with no rows, a used-block count below the buffers'
 GLUON_CASES = [(3, 144, 208, 83, 3), (6, 400, 272, 300, 2), (5, 128, 128, 1, 1), (53, 1408, 1408, 700, 3)]
 # BLOCK_M 64: one warpgroup, asynchronous wgmma; 128: two consumer warpgroups and a TMA warp
-CFG_GL = {bm: (KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=4, num_warps=bm // 16, num_stages=2),
-               KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=3))
-          for bm in (64, 128)}
+# (the second warpgroup LAG steps behind the first: 2 of 3 stages, and more steps than some programs have)
+CFG_GL = {f"gluon{bm}{'lag' if lag else ''}": (
+    KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=4, num_warps=bm // 16, num_stages=2 + lag // 2,
+                 LAG=lag // 2),
+    KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=3, LAG=lag))
+    for bm, lag in ((64, 0), (128, 0), (128, 2))}
 
 
 @pytest.mark.parametrize("case,impl", [(c, "triton") for c in SORTED_CASES]
-                         + [pytest.param(c, f"gluon{bm}", marks=pytest.mark.cuda) for c in GLUON_CASES
-                            for bm in (64, 128)])
+                         + [pytest.param(c, name, marks=pytest.mark.cuda) for c in GLUON_CASES for name in CFG_GL])
 def test_sorted_stages_against_references(case, impl):
     """The persistent sorted-layout kernels (tl.dot, or Gluon on Hopper) on their own inputs: gate/up +
     SwiGLU + quant, then down (rows in sorted order), then the gathering combine; outputs poisoned
     first."""
-    gluon_bm = int(impl[5:]) if impl.startswith("gluon") else None
+    gluon_bm = impl if impl.startswith("gluon") else None
     if gluon_bm and not gg.gluon_ok("cuda"):
         pytest.skip("the Gluon kernels need compute capability 9.x and Triton with Gluon")
     e, i, d, t, k = case
@@ -395,3 +398,19 @@ def test_gluon_kernels_only_on_the_triton_they_were_written_for(monkeypatch):
     assert got is None or hasattr(got, "launch_sorted")  # None only where this Triton lacks Gluon
     assert not gg.gluon_ok("cpu")
     monkeypatch.setattr(gg, "_GLUON", None)  # the next caller looks again with the real version
+
+
+def test_gluon_lag_config_field():
+    """KernelConfig.LAG (the warp-specialized Gluon kernel's second warpgroup starts LAG K steps behind):
+    non-negative, only for BLOCK_M 128 (two consumer warpgroups) and below num_stages (the warpgroups
+    share the ring of buffers); cache entries written before the field read as 0."""
+    ws = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5)
+    assert gg.gluon_config_ok(ws, False) and ws.LAG == 0
+    assert gg.gluon_config_ok(dataclasses.replace(ws, LAG=4), False)
+    assert not gg.gluon_config_ok(dataclasses.replace(ws, LAG=5), False)  # would wait for a buffer forever
+    one = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, LAG=1)
+    assert not gg.gluon_config_ok(one, False)  # one warpgroup: nothing to stagger
+    with pytest.raises(ValueError, match="LAG"):
+        KernelConfig(LAG=-1)
+    old = {k: v for k, v in ws.to_dict().items() if k != "LAG"}
+    assert KernelConfig.from_dict(old) == ws
