@@ -475,23 +475,32 @@ def bench_moe(ms, sweep):
 
             sweep_grouped(m, gu8, dn8, t13, t2, f13, f2, err_of)
         if "gluon" in sweep and use_gluon and m >= 4096:
-            sid8, bexp8, pos8, used8 = gg.moe_align(ids, E, 128, with_pos=True)
-            xq8, xs8 = act_quant.per_group_quant_sorted(x, pos8, sid8.numel())
-            gu8 = (xq8, xs8, packed_gl.w13, packed_gl.s13, sid8, bexp8, used8)
-            gd1 = default_config(gg.GLUON_KERNEL, rpe, 2 * INTER_E, D, gate_up=True)
-            gd2 = default_config(gg.GLUON_KERNEL, rpe, D, INTER_E, gate_up=False)
-            hq8, hs8 = gg.grouped_gemm_sorted(*gu8, swiglu=True, num_valid=rows, align_m=128, config=gd1, impl="gluon")
-            dn8 = (hq8, hs8, packed_gl.w2, packed_gl.s2, sid8, bexp8, used8)
-            y8 = gg.grouped_gemm_sorted(*dn8, swiglu=False, num_valid=rows, align_m=128, config=gd2, impl="gluon")
-            fl8 = pos8.reshape(-1).long()
+            # per row alignment (128; 192 for three consumer warpgroups): operands on those rows, the
+            # references from the one-warpgroup Gluon kernel (BLOCK_M 64 divides both)
+            for al in (128, 192):
+                sid8, bexp8, pos8, used8 = gg.moe_align(ids, E, al, with_pos=True)
+                xq8, xs8 = act_quant.per_group_quant_sorted(x, pos8, sid8.numel())
+                gu8 = (xq8, xs8, packed_gl.w13, packed_gl.s13, sid8, bexp8, used8)
+                gd1 = default_config(gg.GLUON_KERNEL, 64, 2 * INTER_E, D, gate_up=True)
+                gd2 = default_config(gg.GLUON_KERNEL, 64, D, INTER_E, gate_up=False)
+                hq8, hs8 = gg.grouped_gemm_sorted(*gu8, swiglu=True, num_valid=rows, align_m=al, config=gd1,
+                                                  impl="gluon")
+                dn8 = (hq8, hs8, packed_gl.w2, packed_gl.s2, sid8, bexp8, used8)
+                y8 = gg.grouped_gemm_sorted(*dn8, swiglu=False, num_valid=rows, align_m=al, config=gd2, impl="gluon")
+                fl8 = pos8.reshape(-1).long()
 
-            def err_gl(out, swiglu):
-                if swiglu:
-                    return checked(fp8.dequantize(rows_of(out[0], fl8), out[1].t()[fl8].contiguous()),
-                                   fp8.dequantize(rows_of(hq8, fl8), hs8.t()[fl8].contiguous()), "sweep gate/up", TOL)
-                return checked(out[fl8], y8[fl8], "sweep down", TOL)
+                def err_gl(out, swiglu, fl8=fl8, hq8=hq8, hs8=hs8, y8=y8):
+                    if swiglu:
+                        return checked(fp8.dequantize(rows_of(out[0], fl8), out[1].t()[fl8].contiguous()),
+                                       fp8.dequantize(rows_of(hq8, fl8), hs8.t()[fl8].contiguous()), "sweep gate/up",
+                                       TOL)
+                    return checked(out[fl8], y8[fl8], "sweep down", TOL)
 
-            sweep_gluon(m, gu8, dn8, t13, t2, f13, f2, err_gl)
+                sweep_gluon(m, al, gu8, dn8, t13, t2, f13, f2, err_gl)
+                # the serving gate/up (tl.dot, w13 interleaved by 64) on these rows
+                gut = (xq8, xs8, packed.w13, packed.s13, sid8, bexp8, used8)
+                _sweep_one(m, f"tl.dot g/u default align{al}", gut, True, c1, t13, f13, None, err_gl, "triton",
+                           align=al)
 
 
 def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
@@ -511,11 +520,11 @@ def sweep_grouped(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
         one(f"down {bm}x{bn} w{w}s{st} ws{ws} p{ppsm or 'auto'}", dn_args, False, cfg, t2, f2, ppsm)
 
 
-def _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, impl):
+def _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, impl, align=128):
     """Check one grouped config against the reference outputs (on poisoned buffers), time it, record it."""
     rows = m * TOPK
     run = lambda out=None: gg.grouped_gemm_sorted(*args, swiglu=swiglu, num_valid=rows,  # noqa: E731
-                                                  align_m=128, config=cfg, programs_per_sm=ppsm, out=out, impl=impl)
+                                                  align_m=align, config=cfg, programs_per_sm=ppsm, out=out, impl=impl)
     try:
         # the check run writes into poisoned buffers (a fresh one could hold an earlier config's answer)
         first = run()
@@ -531,18 +540,18 @@ def _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, impl):
            {"config": cfg.to_dict(), "sweep": True, "programs_per_sm": ppsm, "impl": impl})
 
 
-def sweep_gluon(m, gu_args, dn_args, t13, t2, f13, f2, err_of):
-    """Configs of the Gluon kernels (gg.gluon_config_ok: a warpgroup per 64 rows)."""
-    # the warp-specialized form (BLOCK_M 128) with its second warpgroup LAG steps behind (KernelConfig.LAG)
-    ws = [(128, st, lag) for st in (4, 5, 6) for lag in range(0, min(st, 4))]
-    for bm, st, lag in [(64, 3, 0)] + ws:
-        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st,
-                           LAG=lag)
-        _sweep_one(m, f"gluon g/u {bm}x256 s{st} lag{lag}", gu_args, True, cfg, t13, f13, None, err_of, "gluon")
-    for bm, st, lag in [(64, 3, 0)] + ws + [(128, 6, 4), (128, 6, 5)]:
-        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st,
-                           LAG=lag)
-        _sweep_one(m, f"gluon down {bm}x128 s{st} lag{lag}", dn_args, False, cfg, t2, f2, None, err_of, "gluon")
+def sweep_gluon(m, align, gu_args, dn_args, t13, t2, f13, f2, err_of):
+    """Configs of the Gluon kernels (gg.gluon_config_ok: a warpgroup per 64 rows) whose BLOCK_M divides
+    the rows' alignment: one warpgroup (64), two consumer warpgroups (128) or three (192)."""
+    forms = {128: [(64, 3), (128, 4), (128, 5), (128, 6)], 192: [(192, 3), (192, 4)]}[align]
+    for bm, st in forms:
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st)
+        _sweep_one(m, f"gluon g/u {bm}x256 s{st} align{align}", gu_args, True, cfg, t13, f13, None, err_of, "gluon",
+                   align)
+    for bm, st in forms:
+        cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st)
+        _sweep_one(m, f"gluon down {bm}x128 s{st} align{align}", dn_args, False, cfg, t2, f2, None, err_of, "gluon",
+                   align)
 
 
 # -- summary -------------------------------------------------------------------------------------------

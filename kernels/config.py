@@ -20,21 +20,12 @@ class KernelConfig:
     # fp8_gemm's TMA kernel only: 1 = Triton's warp specialisation of the persistent loop (producer and
     # consumer warps); an entry written before this field existed reads as 0
     WARP_SPEC: int = 0
-    # fp8_grouped_gemm_gluon's warp-specialized form only (BLOCK_M 128): K steps by which the second
-    # consumer warpgroup starts behind the first, so that their epilogues fall on each other's main loops
-    # (< num_stages: the two share the ring of buffers); an entry written before this field read as 0
-    LAG: int = 0
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
-            if k == "WARP_SPEC":
-                ok, want = v in (0, 1), "0 or 1"
-            elif k == "LAG":
-                ok, want = isinstance(v, int) and v >= 0, "a non-negative integer"
-            else:
-                ok, want = isinstance(v, int) and v >= 1, "a positive integer"
-            if not isinstance(v, int) or isinstance(v, bool) or not ok:
-                raise ValueError(f"KernelConfig.{k} must be {want}, got {v!r}")
+            flag = k == "WARP_SPEC"
+            if not isinstance(v, int) or not (v in (0, 1) if flag else v >= 1):
+                raise ValueError(f"KernelConfig.{k} must be {'0 or 1' if flag else 'a positive integer'}, got {v!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

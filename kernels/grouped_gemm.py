@@ -505,9 +505,8 @@ def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
     warpgroup with asynchronous wgmma, whose three 64 x 128 float32 products take ~250 registers; 128 at
     8: two consumer warpgroups and a TMA warp), BLOCK_N 256 for gate/up (two 128-row items) and 64 or
     128 for down (one weight scale block per tile)."""
-    return (cfg.BLOCK_M in (64, 128) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_K == BLOCK
-            and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2
-            and (cfg.LAG == 0 or (cfg.BLOCK_M == 128 and cfg.LAG < cfg.num_stages)))
+    return (cfg.BLOCK_M in (64, 128, 192) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_K == BLOCK
+            and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2)
 
 
 def expert_layout(d: int, inter: int) -> str:
@@ -601,8 +600,8 @@ def grouped_gemm_sorted(a: torch.Tensor, a_scale_t: torch.Tensor, b: torch.Tenso
         launch = lambda progs, warmup=False: gk.launch_sorted(  # noqa: E731
             a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_blocks, c, cs, swiglu=swiglu,
             num_valid=num_valid, out_dtype=out_dtype, align_m=align_m, block_m=cfg.BLOCK_M,
-            block_n=BLOCK if swiglu else cfg.BLOCK_N, group_m=cfg.GROUP_M, stages=cfg.num_stages, lag=cfg.LAG,
-            programs=progs, warmup=warmup)
+            block_n=BLOCK if swiglu else cfg.BLOCK_N, group_m=cfg.GROUP_M, stages=cfg.num_stages, programs=progs,
+            warmup=warmup)
         if programs_per_sm is None:
             key = ("gluon", a.device.index, swiglu, out_dtype, cfg)
             programs_per_sm = _OCCUPANCY.get(key)

@@ -63,9 +63,12 @@ def _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS: gl.constexpr, GR
 
 @gluon.jit
 def _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
-                ready, ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of A and B for this program's step-th K step into ring buffer step % STAGES."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+                ready, ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                BLOCK_M: gl.constexpr):
+    """TMA loads of A and B for this program's step-th K step into ring buffer step % STAGES; A's box may
+    be a part of the BLOCK_M rows (the warp-specialized kernel: 64 rows, one buffer per consumer)."""
+    A_ROWS: gl.constexpr = a_desc.block_type.shape[0]
+    PARTS: gl.constexpr = BLOCK_M // A_ROWS
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     pid_m, pid_n, part = _item_coords(step // k_tiles, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
@@ -74,8 +77,9 @@ def _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_
     row0 = expert * N + (pid_n * ITEMS + part) * BLOCK_N
     kk = (step % k_tiles) * BLOCK_K
     s = step % STAGES
-    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [off_m, kk], ready.index(s), a_smem.index(s))
+    mbarrier.expect(ready.index(s), PARTS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    for j in gl.static_range(PARTS):
+        tma.async_copy_global_to_shared(a_desc, [off_m + j * A_ROWS, kk], ready.index(s), a_smem.index(s * PARTS + j))
     tma.async_copy_global_to_shared(b_desc, [row0, kk], ready.index(s), b_smem.index(s))
 
 
@@ -240,7 +244,7 @@ def _grouped_sorted_gluon_kernel(
     for i in gl.static_range(STAGES):
         if i < total:
             _issue_load(i, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
-                        ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+                        ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
 
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
     cols = gl.arange(0, BLOCK_N, layout=col_l)
@@ -276,7 +280,7 @@ def _grouped_sorted_gluon_kernel(
             y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))  # X retires, Y stays in flight
             if step - 1 + STAGES < total:  # X's buffer takes the step STAGES ahead
                 _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
-                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
             acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
             step += 1
             s = step % STAGES
@@ -286,7 +290,7 @@ def _grouped_sorted_gluon_kernel(
             x, y = warpgroup_mma_wait(num_outstanding=1, deps=(x, y))
             if step - 1 + STAGES < total:
                 _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
-                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
             acc = _promote(acc, y, say, sgy, suy, is_up, SWIGLU)
         if k_tiles % 2 == 0:  # one block left: into Y, then both retire
             step += 1
@@ -297,7 +301,7 @@ def _grouped_sorted_gluon_kernel(
             y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))
             if step - 1 + STAGES < total:
                 _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
-                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
             acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
             acc = _promote(acc, y, say, sgy, suy, is_up, SWIGLU)
@@ -306,7 +310,7 @@ def _grouped_sorted_gluon_kernel(
             acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
         if step + STAGES < total:
             _issue_load(step + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc,
-                        a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+                        a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
         step += 1
 
         if SWIGLU:
@@ -326,17 +330,18 @@ def _nvmma(block, dtype):
 
 def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_blocks, c, cs, *, swiglu: bool,
                   num_valid: int, out_dtype: torch.dtype, align_m: int, block_m: int, block_n: int, group_m: int,
-                  stages: int, programs: int, lag: int = 0, warmup: bool = False):
+                  stages: int, programs: int, warmup: bool = False):
     """Launch a Gluon kernel on checked operands (grouped_gemm.grouped_gemm_sorted checks them): block_m
     128 takes the warp-specialized kernel (two consumer warpgroups and a TMA warp), 64 the single
     warpgroup one with asynchronous wgmma; block_n is the MMA width (128 for gate/up: one item of 64
-    gate + 64 up rows); programs the grid; lag the warp-specialized kernel's LAG (KernelConfig.LAG).
-    Returns the compiled kernel; warmup=True compiles it without launching (its registers and shared
-    memory size the persistent grid)."""
+    gate + 64 up rows); programs the grid. Returns the compiled kernel; warmup=True compiles it without
+    launching (its registers and shared memory size the persistent grid)."""
     e, n, k = b.shape
     p = sorted_ids.numel()
-    ws = block_m == 128
-    a_d = TensorDescriptor.from_tensor(a, [block_m, 128], _nvmma([block_m, 128], gl.float8e4nv))
+    ws = block_m >= 128
+
+    am = 64 if ws else block_m  # the warp-specialized kernel loads A in 64-row parts, one per consumer
+    a_d = TensorDescriptor.from_tensor(a, [am, 128], _nvmma([am, 128], gl.float8e4nv))
     bv = b.view(e * n, k)
     b_d = TensorDescriptor.from_tensor(bv, [block_n, 128], _nvmma([block_n, 128], gl.float8e4nv))
     cw, cm = (block_n // 2 if swiglu else block_n), (64 if ws else block_m)
@@ -346,7 +351,8 @@ def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_block
     meta = dict(SWIGLU=swiglu, ACT=_GL_ACT[out_dtype], FAST_DIV=out_dtype != torch.float32, ALIGN_M=align_m,
                 GROUP_M=group_m, STAGES=stages)
     if ws:
-        kernel, meta = _grouped_ws_kernel, dict(meta, CONSUMER_REGS=232, LAG=lag)
+        # consumer registers after setmaxnreg: what 2 (3) consumer warpgroups and the loader's (24) leave
+        kernel, meta = _grouped_ws_kernel, dict(meta, BLOCK_M=block_m, CONSUMER_REGS=232 if block_m == 128 else 160)
     else:
         kernel = _grouped_sorted_gluon_kernel
     if warmup:
@@ -358,9 +364,9 @@ def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_block
 
 @gluon.jit
 def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
-                 ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr):
-    """The loads of every step into the ring; a buffer is refilled once both consumers released it."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
+                 ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
+                 BLOCK_M: gl.constexpr):
+    """The loads of every step into the ring; a buffer is refilled once every consumer released it."""
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total = _schedule(
@@ -369,15 +375,15 @@ def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_pt
         s = step % STAGES
         mbarrier.wait(empty.index(s), ((step // STAGES) - 1) & 1, pred=step >= STAGES)
         _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
-                    ready, ITEMS, ALIGN_M, GROUP_M, STAGES)
+                    ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
 
 
 @gluon.jit
-def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, go, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
-                 bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn,
+def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
+                 used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn,
                  SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, LAG: gl.constexpr):
+                 BLOCK_K: gl.constexpr):
     """Rows [64 WG, 64 WG + 64) of every tile: per K block one synchronous wgmma (the other warpgroup's
     runs meanwhile), the buffer released, the product scaled into the sum; then the epilogue."""
     ITEMS: gl.constexpr = 2 if SWIGLU else 1
@@ -392,9 +398,6 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, go, h_smem, c_s
     amax_lo = gl.zeros([64], gl.float32, row_l)
     prod = zero
     step = 0
-    if LAG > 0:
-        if WG == 1:  # start LAG steps behind warpgroup 0, so that the two epilogues do not coincide
-            mbarrier.wait(go.index(0), 0)
     for item in range(my_items):
         pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
         off_m = pid_m * BLOCK_M + 64 * WG
@@ -404,13 +407,10 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, go, h_smem, c_s
         acc = zero
         for kb in range(k_tiles):
             s = step % STAGES
-            if LAG > 0:
-                if WG == 0:
-                    mbarrier.arrive(go.index(0), pred=step == LAG)
             sa, sg, su = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)  # in flight while this warpgroup waits
             mbarrier.wait(ready.index(s), (step // STAGES) & 1)
             # use_acc=False: prod's registers are only the destination (no zeros to write first)
-            prod = warpgroup_mma(a_smem.index(s).slice(64 * WG, 64), b_smem.index(s).permute((1, 0)), prod,
+            prod = warpgroup_mma(a_smem.index(s * (BLOCK_M // 64) + WG), b_smem.index(s).permute((1, 0)), prod,
                                  use_acc=False, is_async=True)
             prod = warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
             mbarrier.arrive(empty.index(s), count=1)
@@ -425,9 +425,6 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, go, h_smem, c_s
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(WG),
                                 c_smem.index(WG), c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV,
                                 BLOCK_N)
-    if LAG > 0:
-        if WG == 0:  # fewer steps than LAG: release warpgroup 1 all the same
-            mbarrier.arrive(go.index(0), pred=total <= LAG)
     tma.store_wait(pendings=0)
 
 
@@ -436,43 +433,51 @@ def _grouped_ws_kernel(
     a_desc, as_ptr, b_desc, bs_ptr, sid_ptr, bexp_ptr, used_ptr, c_desc, cs_ptr,
     P, N, K, num_valid, stride_bse, stride_bsn,
     SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
-    GROUP_M: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, LAG: gl.constexpr,
+    GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     """As _grouped_sorted_gluon_kernel (same operands), 128-row tiles: warpgroup 0 (this kernel's 4 warps)
     and a worker warpgroup take 64 rows each, a 1-warp worker issues the TMA loads. The warpgroups wait
     for their own wgmma, but not for each other, so one's scaling overlaps the other's MMA."""
-    BLOCK_M: gl.constexpr = a_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     HALF: gl.constexpr = BLOCK_N // 2
     ITEMS: gl.constexpr = 2 if SWIGLU else 1
-    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], a_desc.layout)
+    NC: gl.constexpr = BLOCK_M // 64  # consumer warpgroups: 2 or 3
+    a_smem = gl.allocate_shared_memory(a_desc.dtype, [STAGES * NC, 64, BLOCK_K], a_desc.layout)  # [stage, warpgroup]
     b_smem = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BLOCK_N, BLOCK_K], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # one arrive per consumer warpgroup
-    go = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(go.index(0), count=1)
-    h_smem = gl.allocate_shared_memory(ACT, [2, 64, HALF],
+        mbarrier.init(empty.index(i), count=NC)  # one arrive per consumer warpgroup
+    h_smem = gl.allocate_shared_memory(ACT, [NC, 64, HALF],
                                        gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
     if SWIGLU:
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, [4, 64, HALF], c_desc.layout)  # [warpgroup, half]
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [2 * NC, 64, HALF], c_desc.layout)  # [warpgroup, half]
     else:
-        c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BLOCK_N], c_desc.layout)
-    gl.warp_specialize([
-        (_ws_consumer, (0, a_smem, b_smem, ready, empty, go, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
-                        c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M,
-                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, LAG)),
-        (_ws_consumer, (1, a_smem, b_smem, ready, empty, go, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr, used_ptr,
-                        c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M,
-                        GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, LAG)),
-        (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K, ITEMS, ALIGN_M,
-                        GROUP_M, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, 24])
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [NC, 64, BLOCK_N], c_desc.layout)
+    if NC == 2:
+        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
+                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
+                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
+                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
+                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+                            (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
+                                            ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))], [4, 1], [CONSUMER_REGS, 24])
+    else:
+        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
+                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
+                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
+                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
+                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (2, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
+                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
+                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+                            (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
+                                            ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
-    mbarrier.invalidate(go.index(0))

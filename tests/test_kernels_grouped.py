@@ -5,7 +5,6 @@ Each stage is checked on its own inputs against the 1e-3 gate (end to end, a sec
 quantization of a GEMM output amplifies accumulation-order differences: kernels/testing.py,
 TOL_CHAINED; that comparison with ReferenceBackend is a CUDA test)."""
 
-import dataclasses
 import itertools
 
 import pytest
@@ -255,22 +254,20 @@ def test_per_group_quant_sorted_matches_per_group_quant():
 # the Gluon kernels (CUDA, Hopper): a warpgroup per 64 rows; K and I not multiples of 128, experts
 # with no rows, a used-block count below the buffers'
 GLUON_CASES = [(3, 144, 208, 83, 3), (6, 400, 272, 300, 2), (5, 128, 128, 1, 1), (53, 1408, 1408, 700, 3)]
-# BLOCK_M 64: one warpgroup, asynchronous wgmma; 128: two consumer warpgroups and a TMA warp
-# (the second warpgroup LAG steps behind the first: 2 of 3 stages, and more steps than some programs have)
-CFG_GL = {f"gluon{bm}{'lag' if lag else ''}": (
-    KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=4, num_warps=bm // 16, num_stages=2 + lag // 2,
-                 LAG=lag // 2),
-    KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=3, LAG=lag))
-    for bm, lag in ((64, 0), (128, 0), (128, 2))}
+# BLOCK_M 64: one warpgroup, asynchronous wgmma; 128 (192): two (three) consumer warpgroups and a TMA warp
+CFG_GL = {bm: (KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=4, num_warps=bm // 16, num_stages=2),
+               KernelConfig(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=3))
+          for bm in (64, 128, 192)}
 
 
 @pytest.mark.parametrize("case,impl", [(c, "triton") for c in SORTED_CASES]
-                         + [pytest.param(c, name, marks=pytest.mark.cuda) for c in GLUON_CASES for name in CFG_GL])
+                         + [pytest.param(c, f"gluon{bm}", marks=pytest.mark.cuda) for c in GLUON_CASES
+                            for bm in CFG_GL])
 def test_sorted_stages_against_references(case, impl):
     """The persistent sorted-layout kernels (tl.dot, or Gluon on Hopper) on their own inputs: gate/up +
     SwiGLU + quant, then down (rows in sorted order), then the gathering combine; outputs poisoned
     first."""
-    gluon_bm = impl if impl.startswith("gluon") else None
+    gluon_bm = int(impl[5:]) if impl.startswith("gluon") else None
     if gluon_bm and not gg.gluon_ok("cuda"):
         pytest.skip("the Gluon kernels need compute capability 9.x and Triton with Gluon")
     e, i, d, t, k = case
@@ -280,7 +277,7 @@ def test_sorted_stages_against_references(case, impl):
     p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale,
                         interleave=gg.INTERLEAVE["gluon" if gluon_bm else "sorted"])
     assert gg.sorted_path_ok(d, i)
-    align = 128 if gluon_bm else 16
+    align = max(128, gluon_bm) if gluon_bm else 16
     cfg_gu, cfg_dn = CFG_GL[gluon_bm] if gluon_bm else (CFG_GU_S, CFG_DN_S)
     impl = "gluon" if gluon_bm else impl
     sid, bexp, pos, used = gg.moe_align(ids, e, align, with_pos=True)
@@ -331,7 +328,9 @@ def test_fused_experts_layouts_agree():
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16).to(_dev())
     p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=64)
     p128 = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
-    cfg = dict(config_gate_up=CFG_GU_S, config_down=CFG_DN_S)
+    # (on Hopper the sorted layout's down GEMM is the Gluon kernel: a config of its own)
+    down = CFG_GL[128][1] if gg.down_kernel(x.device) == gg.GLUON_KERNEL else CFG_DN_S
+    cfg = dict(config_gate_up=CFG_GU_S, config_down=down)
     a = gg.fused_experts(x, ids, w, p, **cfg)  # auto: sorted (aligned rows, interleave 64)
     b = gg.fused_experts(x, ids, w, p128, **cfg)  # auto: gather (interleave 128)
     with pytest.raises(ValueError, match="interleave=64"):
@@ -398,19 +397,3 @@ def test_gluon_kernels_only_on_the_triton_they_were_written_for(monkeypatch):
     assert got is None or hasattr(got, "launch_sorted")  # None only where this Triton lacks Gluon
     assert not gg.gluon_ok("cpu")
     monkeypatch.setattr(gg, "_GLUON", None)  # the next caller looks again with the real version
-
-
-def test_gluon_lag_config_field():
-    """KernelConfig.LAG (the warp-specialized Gluon kernel's second warpgroup starts LAG K steps behind):
-    non-negative, only for BLOCK_M 128 (two consumer warpgroups) and below num_stages (the warpgroups
-    share the ring of buffers); cache entries written before the field read as 0."""
-    ws = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5)
-    assert gg.gluon_config_ok(ws, False) and ws.LAG == 0
-    assert gg.gluon_config_ok(dataclasses.replace(ws, LAG=4), False)
-    assert not gg.gluon_config_ok(dataclasses.replace(ws, LAG=5), False)  # would wait for a buffer forever
-    one = KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3, LAG=1)
-    assert not gg.gluon_config_ok(one, False)  # one warpgroup: nothing to stagger
-    with pytest.raises(ValueError, match="LAG"):
-        KernelConfig(LAG=-1)
-    old = {k: v for k, v in ws.to_dict().items() if k != "LAG"}
-    assert KernelConfig.from_dict(old) == ws
