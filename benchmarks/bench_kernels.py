@@ -305,8 +305,8 @@ def bench_moe(ms, sweep):
     db, dq, ds = qb(D, INTER_E)
     packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=64)  # the sorted layout's (serving path)
     packed_g = gg.pack_experts(gq, uq, dq, gs, us_, ds)  # the gather layout's, for its comparison rows
-    # the Gluon kernels (Hopper, where gg.gluon_ok): serving runs the down GEMM there; both GEMMs in
-    # Gluon (the "gluon" layout, gate/up rows interleaved by 1) are timed for comparison
+    # the Gluon kernels (Hopper, where gg.gluon_ok): serving runs both GEMMs there (the "gluon" layout,
+    # gate/up rows interleaved by 1, grouped_gemm.expert_layout); the tl.dot sorted layout is timed beside
     use_gluon = gg.gluon_ok("cuda")
     packed_gl = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1) if use_gluon else None
     w13b = gg._interleave_blocks(gb, ub, 128)  # same layout as the FP8 weight (I_E % 128 == 0)
@@ -396,7 +396,7 @@ def bench_moe(ms, sweep):
             # aligned to their BLOCK_M), checked against the tl.dot kernels' outputs row for row
             gc1 = default_config(gg.GLUON_KERNEL, rpe, 2 * INTER_E, D, gate_up=True)
             gc2 = default_config(gg.GLUON_KERNEL, rpe, D, INTER_E, gate_up=False)
-            galign = max(gc1.BLOCK_M, gc2.BLOCK_M)
+            galign = math.lcm(gc1.BLOCK_M, gc2.BLOCK_M)
             sid_l, bexp_l, pos_l, used_l = gg.moe_align(ids, E, galign, with_pos=True)
             xq_l, xs_l = act_quant.per_group_quant_sorted(x, pos_l, sid_l.numel())
             fl_l = pos_l.reshape(-1).long()
@@ -419,7 +419,7 @@ def bench_moe(ms, sweep):
             if t13:
                 record("experts", "fp8 both GEMMs tl.dot", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm")
                 record("experts", "fp8 both GEMMs gluon", m, 0, 0, l13 + l2, f13 + f2, 0, t13 + t2, "_grouped_mm")
-            k2 = l2  # the serving path (grouped_gemm.down_kernel): gate/up on tl.dot, down in Gluon
+            k13, k2 = l13, l2  # the serving path (grouped_gemm.expert_layout): both GEMMs in Gluon
         g13 = time_us(lambda: gg.grouped_gemm_block_fp8(xq, xs, packed_g.w13, packed_g.s13, sid, bexp, topk=TOPK,
                                                         swiglu=True, align_m=align, config=c1), [()])
         g2 = time_us(lambda: gg.grouped_gemm_block_fp8(hq, hs, packed_g.w2, packed_g.s2, sid, bexp, topk=TOPK,
@@ -431,7 +431,8 @@ def bench_moe(ms, sweep):
             record("experts", "fp8 both GEMMs", m, 0, 0, k13 + k2, f13 + f2, 0, t13 + t2, "_grouped_mm",
                    None, {"goal": "grouped", "rows": rows})
         # whole layer: ours (quant, align, 2 GEMMs, combine) vs a bf16 torch pipeline
-        full = lambda a: gg.fused_experts(a, ids, tw, packed)  # noqa: E731 - the serving layout
+        serve = packed_gl if use_gluon else packed  # the serving layout's packing (expert_layout)
+        full = lambda a: gg.fused_experts(a, ids, tw, serve)  # noqa: E731
         if m <= 4096:
             from fp8conv.runtime.ops import Experts, ReferenceBackend
             ex = Experts(gq, uq, dq, gs, us_, ds, "bench")
@@ -543,7 +544,7 @@ def _sweep_one(m, name, args, swiglu, cfg, base, flops, ppsm, err_of, impl, alig
 def sweep_gluon(m, align, gu_args, dn_args, t13, t2, f13, f2, err_of):
     """Configs of the Gluon kernels (gg.gluon_config_ok: a warpgroup per 64 rows) whose BLOCK_M divides
     the rows' alignment: one warpgroup (64), two consumer warpgroups (128) or three (192)."""
-    forms = {128: [(64, 3), (128, 4), (128, 5), (128, 6)], 192: [(192, 3), (192, 4)]}[align]
+    forms = {128: [(64, 3), (128, 5), (128, 6)], 192: [(192, 3), (192, 4)]}[align]
     for bm, st in forms:
         cfg = KernelConfig(BLOCK_M=bm, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=bm // 16, num_stages=st)
         _sweep_one(m, f"gluon g/u {bm}x256 s{st} align{align}", gu_args, True, cfg, t13, f13, None, err_of, "gluon",

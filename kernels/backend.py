@@ -8,9 +8,10 @@ Dispatch, per call:
 - ``swiglu_mlp``: all three ``channel`` -> one quantization of x, one GEMM for gate and up together
   (weights concatenated at first use), fused SwiGLU + quantization, the down GEMM. Else per-Linear.
 - ``experts``: block-FP8 experts -> the grouped pipeline (grouped_gemm.fused_experts) on weights
-  packed at first use for the layout of grouped_gemm.expert_layout (sorted where rows are 16-byte
-  aligned, else gather); in the sorted layout the down GEMM runs on grouped_gemm.down_kernel (the Gluon
-  kernel on Hopper, configs of "fp8_grouped_gemm_gluon"). Else the reference.
+  packed at first use for the layout of grouped_gemm.expert_layout (on Hopper with Triton 3.6 the Gluon
+  kernels, configs of "fp8_grouped_gemm_gluon"; elsewhere the tl.dot sorted layout where rows are
+  16-byte aligned, else gather; grouped_gemm.layout_kernels names each layout's kernels). Else the
+  reference.
 - ``topk`` (beam search): kernels/topk.py on CUDA, its config looked up as the GEMMs' are (m = rows,
   n = row length, k = k).
 - ``rms_norm`` (the norms before each MLP / MoE, before the heads, the context's key/value norms):
@@ -36,8 +37,7 @@ import torch
 from fp8conv.kernels import act_quant, norm
 from fp8conv.kernels.config import KernelConfig, resolve_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
-from fp8conv.kernels.grouped_gemm import (INTERLEAVE, KERNEL_NAME as GROUPED, down_kernel, expert_layout,
-                                          fused_experts, pack_experts)
+from fp8conv.kernels.grouped_gemm import INTERLEAVE, expert_layout, fused_experts, layout_kernels, pack_experts
 from fp8conv.kernels.topk import topk as radix_topk
 from fp8conv.runtime.ops import Experts, Linear, ReferenceBackend
 
@@ -176,14 +176,13 @@ class TritonBackend(ReferenceBackend):
             return super().experts(x, topk_ids, topk_weights, w)
         self.calls["experts.fp8"] += 1
         inter, d = w.gate.shape[1], w.gate.shape[2]
-        layout = expert_layout(d, inter)  # sorted, or gather (unaligned rows)
+        layout = expert_layout(d, inter, x.device)  # gluon (Hopper), sorted, or gather (unaligned rows)
         packed = self._cached((w,), lambda: pack_experts(w.gate, w.up, w.down, *scales,
                                                          interleave=INTERLEAVE[layout]))
-        down = down_kernel(x.device, layout)  # each kernel tuned on its own
+        gate_up, down = layout_kernels(layout)  # each GEMM tuned on its own
         self.calls[f"experts.{layout}"] += 1
-        self.calls[f"experts.down.{down}"] += 1
         t, d = x.shape
         rows = max(1, t * topk_ids.shape[1] // packed.num_experts)
-        cfg1 = self._config(GROUPED, rows, packed.w13.shape[1], d, gate_up=True)
+        cfg1 = self._config(gate_up, rows, packed.w13.shape[1], d, gate_up=True)
         cfg2 = self._config(down, rows, d, packed.inter, gate_up=False)
-        return fused_experts(x, topk_ids, topk_weights, packed, cfg1, cfg2)
+        return fused_experts(x, topk_ids, topk_weights, packed, cfg1, cfg2, layout=layout)

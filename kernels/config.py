@@ -73,8 +73,10 @@ def group_tiles(k: int, group: int = 128) -> tuple[int, int]:
 #   block each, giving one 128-wide 1x128 quantization group of the SwiGLU output); the down GEMM takes
 #   BLOCK_N 128. BLOCK_M is also the per-expert padding of the token segments.
 # fp8_grouped_gemm_gluon (the same GEMMs in Gluon, Hopper only: kernels/grouped_gemm_gluon.py): BLOCK_M
-#   64 at 4 warps (one warpgroup, asynchronous wgmma) or 128 at 8 (two consumer warpgroups and a TMA
-#   warp); BLOCK_N 256 for gate/up (two 128-row items), 64 or 128 for down.
+#   64 at 4 warps (one warpgroup, asynchronous wgmma), 128 at 8 or 192 at 12 (two or three consumer
+#   warpgroups and a TMA warp); BLOCK_N 256 for gate/up (two 128-row items), 64 or 128 for down. Both
+#   GEMMs of a layer share the rows' alignment (the lcm of their BLOCK_Ms), so the tuner varies BLOCK_M
+#   only between 64 and the default's.
 # act_quant: BLOCK_M = rows per program (power of two), num_warps; the other fields are unused.
 # topk (kernels/topk.py; m = rows R, n = row length C, k = k): BLOCK_N = elements per program chunk of
 #   the multi-program path (rows longer than topk.SMALL_C), a power of two between 16K and 1M chosen so
@@ -85,6 +87,10 @@ def group_tiles(k: int, group: int = 128) -> tuple[int, int]:
 # rows per expert from which the Gluon grouped GEMM takes its 128-row warp-specialized form (H100 down
 # GEMM at 232 rows per expert: 82-84 us against 95 for the 64-row form; at 29 both equal tl.dot's 49.6)
 GLUON_WS_MIN_ROWS = 128
+# ... and its 192-row form, three consumer warpgroups (H100, docs/benchmarks.md seventh run: at 927 rows
+# per expert gate/up 600 us against 665 for 128 rows, down 230 against 270; at 232 rows 236 against 193
+# and 91 against 81: padding each expert to 192 rows costs more there)
+GLUON_WS3_MIN_ROWS = 512
 
 
 def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
@@ -133,6 +139,9 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if kernel == "fp8_grouped_gemm_gluon":
         gu = (n > k) if gate_up is None else gate_up
+        if m >= GLUON_WS3_MIN_ROWS:
+            return KernelConfig(BLOCK_M=192, BLOCK_N=256 if gu else 128, BLOCK_K=128, GROUP_M=8, num_warps=12,
+                                num_stages=4)
         if m >= GLUON_WS_MIN_ROWS:
             # H100 sweep at 49152 rows (docs/benchmarks.md): the warp-specialized kernel, gate/up
             # 128 x 256 s5 651 us (128 x 256 s3 675, 64 x 256 s3 795); down 128 x 128 s4 272 us (s5

@@ -29,6 +29,7 @@ applied to each K block's partial product (BLOCK_K must be 128).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -509,21 +510,20 @@ def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
             and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2)
 
 
-def expert_layout(d: int, inter: int) -> str:
-    """fused_experts' serving layout for hidden size d and expert width inter: "sorted" where rows are
-    16-byte aligned, else "gather". Pack with INTERLEAVE[expert_layout(d, inter)]."""
-    return "sorted" if sorted_path_ok(d, inter) else "gather"
+def expert_layout(d: int, inter: int, device=None) -> str:
+    """fused_experts' serving layout for hidden size d and expert width inter on ``device``: "gluon" (both
+    GEMMs in Gluon) where rows are 16-byte aligned and gluon_ok(device), "sorted" (tl.dot) where rows are
+    aligned, else "gather". Pack with INTERLEAVE[expert_layout(...)]. H100, 4b experts (docs/benchmarks.md,
+    seventh run): the Gluon layout takes 830 us at 16384 tokens against 946 for tl.dot gate/up + Gluon down
+    and 973 for both on tl.dot; at 4096 tokens 274 against 264-272, at 32 and 512 within 2%."""
+    if not sorted_path_ok(d, inter):
+        return "gather"
+    return "gluon" if device is not None and gluon_ok(device) else "sorted"
 
 
-def down_kernel(device, layout: str = "sorted") -> str:
-    """The kernel (tuning cache name) of fused_experts' down GEMM in ``layout`` on ``device``: in the
-    sorted layout the Gluon one where it runs (H100 at 16384 tokens: 272 us against 305 for tl.dot,
-    docs/benchmarks.md), else tl.dot; GLUON_KERNEL in the gluon layout, KERNEL_NAME in the gather one.
-    The sorted layout's gate/up GEMM stays on tl.dot: its Gluon form measured 651 us against 667 at
-    16384 tokens and 199-209 against 183 at 4096 (its two warpgroups reach the SwiGLU epilogue together)."""
-    if layout == "gluon":
-        return GLUON_KERNEL
-    return GLUON_KERNEL if layout == "sorted" and gluon_ok(device) else KERNEL_NAME
+def layout_kernels(layout: str) -> tuple[str, str]:
+    """The (gate/up, down) kernels (tuning cache names) fused_experts runs in ``layout``."""
+    return (GLUON_KERNEL, GLUON_KERNEL) if layout == "gluon" else (KERNEL_NAME, KERNEL_NAME)
 
 
 def sorted_path_ok(d: int, inter: int) -> bool:
@@ -697,11 +697,12 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
     """Routed experts, block FP8: x (T, d) bf16/fp16; topk_ids (T, k) int; topk_weights (T, k) float32
     -> (T, d) in x.dtype. Same result as ReferenceBackend.experts within the kernels' tolerance.
     layout: "sorted" (quantize x into expert-sorted rows, persistent TMA GEMMs, gather in the combine;
-    needs sorted_path_ok and packed.interleave == 64; the down GEMM on down_kernel(x.device): Gluon on
-    Hopper), "gluon" (both GEMMs in Gluon; needs gluon_ok and interleave 1), "gather" (the GEMM gathers
-    token rows, the down GEMM scatters its output; needs interleave 128), or "auto" (the one the
-    packing was made for). Configs default to default_config of each GEMM's kernel (GLUON_KERNEL for
-    a Gluon GEMM, else KERNEL_NAME); one given to a Gluon GEMM must pass gluon_config_ok."""
+    needs sorted_path_ok and packed.interleave == 64), "gluon" (the same in Gluon; needs gluon_ok and
+    interleave 1), "gather" (the GEMM gathers token rows, the down GEMM scatters its output; needs
+    interleave 128), or "auto" (the one the packing was made for). Configs default to default_config of
+    each GEMM's kernel (layout_kernels); one given to a Gluon GEMM must pass gluon_config_ok. The rows
+    are aligned to the least common multiple of the two BLOCK_Ms (their defaults and the tuner keep one
+    a multiple of the other)."""
     t, d = x.shape
     k = topk_ids.shape[1]
     e = packed.num_experts
@@ -715,11 +716,10 @@ def fused_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
         raise ValueError(f"layout must be 'auto', 'gluon', 'sorted' or 'gather', got {layout!r}")
     if packed.interleave != INTERLEAVE[layout]:
         raise ValueError(f"the {layout} layout needs experts packed with interleave={INTERLEAVE[layout]}")
-    name1 = GLUON_KERNEL if layout == "gluon" else KERNEL_NAME
-    name2 = down_kernel(x.device, layout)
+    name1, name2 = layout_kernels(layout)
     cfg1 = config_gate_up or default_config(name1, rows_per_expert, packed.w13.shape[1], d, gate_up=True)
     cfg2 = config_down or default_config(name2, rows_per_expert, d, packed.inter, gate_up=False)
-    align_m = max(cfg1.BLOCK_M, cfg2.BLOCK_M)
+    align_m = math.lcm(cfg1.BLOCK_M, cfg2.BLOCK_M)
     if layout in ("sorted", "gluon"):
         sorted_ids, block_expert, pos, used = moe_align(topk_ids, e, align_m, with_pos=True)
         p = sorted_ids.numel()

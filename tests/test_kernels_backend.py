@@ -215,8 +215,8 @@ def test_model_like_sequence_cuda():
     fp8_err = metrics.mean_rel_error(y_ref, y_bf16)
     check(y_fast, y_ref, tol=0.6 * fp8_err, what=f"chained block (FP8 reference vs bf16: {fp8_err:.2e})")
     assert be.calls["experts.fp8"] == 2 and be.calls["swiglu_mlp.fp8"] == 2
-    assert be.calls["experts.sorted"] == 2  # aligned rows; the down GEMM in Gluon on Hopper
-    assert be.calls[f"experts.down.{gg.down_kernel(h.device)}"] == 2
+    # aligned rows: both GEMMs in Gluon on Hopper with Triton 3.6, else the tl.dot sorted layout
+    assert be.calls[f"experts.{'gluon' if gg.gluon_ok(h.device) else 'sorted'}"] == 2
 
 
 # -- top-k: configs from the tuning cache, as the GEMMs' ---------------------------------------------------

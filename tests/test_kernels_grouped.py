@@ -328,9 +328,7 @@ def test_fused_experts_layouts_agree():
     x = torch.randn(t, d, generator=torch.Generator().manual_seed(13)).to(torch.bfloat16).to(_dev())
     p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=64)
     p128 = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale)
-    # (on Hopper the sorted layout's down GEMM is the Gluon kernel: a config of its own)
-    down = CFG_GL[128][1] if gg.down_kernel(x.device) == gg.GLUON_KERNEL else CFG_DN_S
-    cfg = dict(config_gate_up=CFG_GU_S, config_down=down)
+    cfg = dict(config_gate_up=CFG_GU_S, config_down=CFG_DN_S)
     a = gg.fused_experts(x, ids, w, p, **cfg)  # auto: sorted (aligned rows, interleave 64)
     b = gg.fused_experts(x, ids, w, p128, **cfg)  # auto: gather (interleave 128)
     with pytest.raises(ValueError, match="interleave=64"):
@@ -355,7 +353,7 @@ def test_fused_experts_layouts_agree():
         gg.fused_experts(x, ids, w, p, layout="gluon", **cfg)
     assert gg.expert_layout(d, i) == "sorted" and gg.expert_layout(200, 150) == "gather"
     if not gg.gluon_ok(x.device):
-        assert gg.down_kernel(x.device) == gg.KERNEL_NAME
+        assert gg.expert_layout(d, i, x.device) == "sorted"
         with pytest.raises(RuntimeError, match="Gluon"):
             gg.fused_experts(x, ids, w, p1, **cfg)  # auto: the packing's layout, which cannot run here
 
@@ -388,9 +386,10 @@ def test_gluon_kernels_only_on_the_triton_they_were_written_for(monkeypatch):
     monkeypatch.setattr(gg, "_GLUON", None)
     monkeypatch.setattr(triton, "__version__", "3.9.0")
     assert gg._gluon() is None and not gg.gluon_ok("cpu")
-    assert gg.down_kernel("cpu") == gg.KERNEL_NAME
+    assert gg.expert_layout(1408, 1408, "cpu") == "sorted"
     # the down GEMM's kernel per layout: the gluon layout always Gluon, the gather layout always tl.dot
-    assert gg.down_kernel("cpu", "gluon") == gg.GLUON_KERNEL and gg.down_kernel("cuda", "gather") == gg.KERNEL_NAME
+    assert gg.layout_kernels("gluon") == (gg.GLUON_KERNEL,) * 2
+    assert gg.layout_kernels("sorted") == gg.layout_kernels("gather") == (gg.KERNEL_NAME,) * 2
     monkeypatch.setattr(gg, "_GLUON", None)
     monkeypatch.setattr(triton, "__version__", gg.GLUON_TRITON + ".0")
     got = gg._gluon()

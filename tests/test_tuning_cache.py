@@ -211,8 +211,8 @@ def test_get_config_warns_once_per_fallback_and_feeds_resolve_config(tmp_path, m
 def _shipped_choices(device):
     """(shape label, look-up choice) for every kernel shape the 4b preset and the bundled example launch at
     batch 32 / beam 512 (GEMMs, grouped GEMMs and top-k), from the shipped folder, for ``device`` and the
-    shipped Triton version. Both devices are Hopper GPUs, where the backend runs the experts' down GEMM
-    in Gluon (grouped_gemm.down_kernel): the shapes are derived as there."""
+    shipped Triton version. Both devices are Hopper GPUs, where the backend runs the experts' GEMMs in
+    Gluon (grouped_gemm.expert_layout): the shapes are derived as there."""
     from fp8conv.config import load_config, preset
     from fp8conv.tuning import shapes
 
@@ -223,7 +223,7 @@ def _shipped_choices(device):
     triton = next(iter(good[0][1].entries.values())).triton
     example = load_config(os.path.join(os.path.dirname(__file__), "..", "fp8conv", "data", "onerec_example"))
     for cfg in (preset("4b"), example):
-        probs = shapes.derive(cfg, shapes.Load(batch=32, beam=512), grouped="fp8_grouped_gemm_gluon")
+        probs = shapes.derive(cfg, shapes.Load(batch=32, beam=512), layout="gluon")
         for p in shapes.tuning_targets(probs):
             yield p.label(), lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
 

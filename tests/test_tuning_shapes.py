@@ -147,11 +147,11 @@ def test_candidates_fit_the_gpu_and_the_kernel(p):
         assert cd.shared_bytes(p, c) <= cd.H100.max_shared
         if p.kernel == "fp8_grouped_gemm":
             assert c.BLOCK_K == 128 and (c.BLOCK_N == 256 or not p.swiglu)
-    if p.kernel == "fp8_grouped_gemm_gluon":  # only the Gluon kernel's two forms, both of them
+    if p.kernel == "fp8_grouped_gemm_gluon":  # the Gluon kernel's forms: 64 rows and the default's
         from fp8conv.kernels.grouped_gemm import gluon_config_ok
 
         assert all(gluon_config_ok(c, p.swiglu) for c in cs)
-        assert {c.BLOCK_M for c in cs} == {64, 128}
+        assert {c.BLOCK_M for c in cs} == {64, cs[0].BLOCK_M}  # one divides the other: a shared alignment
     if p is P_SMALL:  # no 256-row tiles for 32 tokens
         assert max(c.BLOCK_M for c in cs) <= 64
 
@@ -256,15 +256,16 @@ def test_topk_fits_and_cost_model():
 
 
 def test_experts_take_the_grouped_kernel_the_backend_runs():
-    """The experts' problems carry the kernel names the backend looks its configs up by: the down GEMM
-    the Gluon kernel's where that runs (a Hopper GPU), the tl.dot kernel's elsewhere (this CPU)."""
+    """The experts' problems carry the kernel names the backend looks its configs up by: the Gluon
+    kernel's where that runs (a Hopper GPU), the tl.dot kernel's elsewhere (this CPU)."""
     cfg = preset("4b")
     load = shapes.Load(batch=2, beam=4)
     names = {p.kernel for p in shapes.derive(cfg, load) if p.experts}
-    assert shapes.down_kernel(cfg.hidden_size, cfg.moe_intermediate_size) == "fp8_grouped_gemm"
+    assert shapes.expert_layout(cfg.hidden_size, cfg.moe_intermediate_size) == "sorted"
     assert names == {"fp8_grouped_gemm"}
-    gl = [p for p in shapes.derive(cfg, load, grouped="fp8_grouped_gemm_gluon") if p.experts]
-    assert {(p.kernel, p.swiglu) for p in gl} == {("fp8_grouped_gemm", True), ("fp8_grouped_gemm_gluon", False)}
+    gl = [p for p in shapes.derive(cfg, load, layout="gluon") if p.experts]
+    assert {(p.kernel, p.swiglu) for p in gl} == {("fp8_grouped_gemm_gluon", True), ("fp8_grouped_gemm_gluon", False)}
     assert all(p.tunable for p in gl) and "down" in " ".join(p.label() for p in gl)
-    assert default_config("fp8_grouped_gemm_gluon", 1024, 2816, 1408, gate_up=True).BLOCK_M == 128
+    assert default_config("fp8_grouped_gemm_gluon", 1024, 2816, 1408, gate_up=True).BLOCK_M == 192
+    assert default_config("fp8_grouped_gemm_gluon", 256, 1408, 1408, gate_up=False).BLOCK_M == 128
     assert default_config("fp8_grouped_gemm_gluon", 8, 1408, 1408, gate_up=False).BLOCK_M == 64

@@ -79,9 +79,11 @@ def _space(p: Problem):
         bns = (256,) if p.swiglu else (64, 128, 256)
         return itertools.product((64, 128), bns, (128,), (1, 8), (4, 8), (2, 3, 4, 5))
     if p.kernel == "fp8_grouped_gemm_gluon":  # a warpgroup per 64 rows (grouped_gemm.gluon_config_ok)
+        # BLOCK_M 64 or the default's: the layer's two GEMMs share the rows' alignment (config.py)
         bns = (256,) if p.swiglu else (64, 128)
-        return ((bm, bn, 128, gm, bm // 16, s) for bm, bn, gm, s in itertools.product((64, 128), bns, (1, 8),
-                                                                                      (2, 3, 4, 5)))
+        bms = sorted({64, _default(p).BLOCK_M})
+        return ((bm, bn, 128, gm, bm // 16, s) for bm, bn, gm, s in itertools.product(bms, bns, (1, 8),
+                                                                                      (2, 3, 4, 5, 6)))
     raise ValueError(f"no tunable kernel {p.kernel!r}")
 
 
@@ -98,10 +100,11 @@ def _sorted_gate_up(p: Problem) -> bool:
 def shared_bytes(p: Problem, c: KernelConfig) -> int:
     """Shared memory of one program: the FP8 operand ring, plus for fp8_gemm the bf16 tile its TMA store
     stages (the grouped GEMM stores from registers; its layout conversions reuse the ring; the Gluon
-    one stages its output tile, bf16, and for gate/up the first item's SwiGLU columns)."""
+    one stages its output tile, bf16, and for gate/up the first item's SwiGLU columns, bf16, and both
+    halves of the FP8 output)."""
     if p.kernel == "fp8_grouped_gemm_gluon":
         bn = 128 if p.swiglu else c.BLOCK_N  # the MMA width: one 128-row item of w13
-        out = c.BLOCK_M * 64 * (1 + 2) if p.swiglu else c.BLOCK_M * bn * 2
+        out = c.BLOCK_M * 64 * (2 + 2) if p.swiglu else c.BLOCK_M * bn * 2
         return c.num_stages * (c.BLOCK_M + bn) * c.BLOCK_K + out
     bn = c.BLOCK_N // 2 if _sorted_gate_up(p) else c.BLOCK_N
     ring = c.num_stages * (c.BLOCK_M + bn) * c.BLOCK_K

@@ -10,8 +10,8 @@ The shapes follow what the runtime (fp8conv.runtime.model, beam.py) and the Trit
 - ``channel`` Linears -> "fp8_gemm" with the [N, K] weight; a SwiGLU whose gate, up and down are all
   ``channel`` runs gate and up as one GEMM with N = 2 x width (the backend concatenates them).
 - ``block`` routed experts -> "fp8_grouped_gemm": gate/up packed as [E, 2 x Ip, d] (Ip = width rounded up
-  to 128) and down [E, d, I] (the down GEMM "fp8_grouped_gemm_gluon" where the backend runs it in Gluon:
-  a Hopper GPU here and rows 16-byte aligned, grouped_gemm.down_kernel); the config is looked up by
+  to 128) and down [E, d, I] (both "fp8_grouped_gemm_gluon" where the backend runs them in Gluon: a
+  Hopper GPU here and rows 16-byte aligned, grouped_gemm.expert_layout); the config is looked up by
   M = max(1, tokens x top_k // E), rows per expert on average, as the backend does.
 - top-k over (batch, N_t / batch x K) candidates per step -> "topk" (kernels/topk.py), keyed by N = the
   row length, K = k kept and M = the rows (batch), as the backend looks it up.
@@ -174,26 +174,28 @@ def step_rows(cfg: OneRecConfig, load: Load) -> list[int]:
     return rows
 
 
-def down_kernel(d: int, inter: int, device=None) -> str:
-    """The kernel (tuning cache name) of the experts' down GEMM the Triton backend runs for hidden size
-    d and expert width inter on ``device`` (default: the current CUDA device if any, else the CPU)."""
+def expert_layout(d: int, inter: int, device=None) -> str:
+    """The experts' layout the Triton backend serves for hidden size d and expert width inter on
+    ``device`` (default: the current CUDA device if any, else the CPU): grouped_gemm.expert_layout."""
     import torch
 
     from fp8conv.kernels import grouped_gemm as gg
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return gg.down_kernel(device, gg.expert_layout(d, inter))
+    return gg.expert_layout(d, inter, torch.device(device))
 
 
 def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
-           grouped: str | None = None) -> list[Problem]:
-    """Every distinct kernel problem, tunable ones first, merged by (kernel, N, K, M). grouped: the
-    experts' down GEMM's kernel name (default: down_kernel on this machine)."""
+           layout: str | None = None) -> list[Problem]:
+    """Every distinct kernel problem, tunable ones first, merged by (kernel, N, K, M). layout: the
+    experts' layout, which names their kernels (default: expert_layout on this machine)."""
     scheme = (lambda n: schemes.get(n, "keep")) if schemes is not None else default_scheme
     specs = tensor_specs(cfg)
     found: dict[tuple, Problem] = {}
-    grouped = grouped or down_kernel(cfg.hidden_size, cfg.moe_intermediate_size)
+    from fp8conv.kernels.grouped_gemm import layout_kernels
+
+    grouped = layout_kernels(layout or expert_layout(cfg.hidden_size, cfg.moe_intermediate_size))
 
     def add(p: Problem, use: str) -> None:
         key = (p.kernel, p.n, p.k, p.m, p.swiglu)
@@ -253,9 +255,9 @@ def _experts(cfg, layer, tokens, step, scheme, add, grouped) -> None:
     rows = tokens * k
     m = max(1, rows // e)
     use = f"model.layers.*.mlp.experts @ {step}"
-    add(Problem("fp8_grouped_gemm", 2 * ip, d, m, rows=rows, experts=e, top_k=k, swiglu=True),
+    add(Problem(grouped[0], 2 * ip, d, m, rows=rows, experts=e, top_k=k, swiglu=True),
         use.replace("experts", "experts.gate_up"))
-    add(Problem(grouped, d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
+    add(Problem(grouped[1], d, inter, m, rows=rows, experts=e, top_k=k, swiglu=False),
         use.replace("experts", "experts.down"))
 
 
