@@ -154,13 +154,13 @@ def _schedule(used_ptr, N, K, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOC
 
 
 @gluon.jit
-def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_desc, cs_ptr, sid_ptr, num_valid, P,
+def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_desc, cs_ptr, valid_rows, P,
               row_l: gl.constexpr, SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr,
               BLOCK_N: gl.constexpr):
     """A finished item's output; returns the row maxima a first gate/up item leaves for the second.
 
     SWIGLU: SwiGLU of the even (gate) and odd (up) columns, rounded as the reference rounds them, padding
-    rows zeroed; the first item's 64 columns wait in h_buf (stored and read back by the same threads, in
+    rows (not valid_rows) zeroed; the first item's 64 columns wait in h_buf (stored and read back by the same threads, in
     the same layout), the second item quantizes both halves with the group's scale and stores them (TMA,
     c_lo / c_hi) and the scales (K-major). Else the tile in the output dtype through c_lo."""
     HALF: gl.constexpr = BLOCK_N // 2
@@ -170,7 +170,7 @@ def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_des
         u = _round(u, ACT)
         h = _round(g * (1.0 / (1.0 + gl.exp(-g))) * u, ACT)
         h_l: gl.constexpr = g.type.layout
-        valid = gl.convert_layout(gl.load(sid_ptr + offs_m) < num_valid, gl.SliceLayout(1, h_l))
+        valid = gl.convert_layout(valid_rows, gl.SliceLayout(1, h_l))
         h = gl.where(valid[:, None], h, 0.0)
         amax = gl.convert_layout(gl.max(gl.abs(h), axis=1), row_l)
         if part == 0:
@@ -260,6 +260,7 @@ def _grouped_sorted_gluon_kernel(
         pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
         off_m = pid_m * BLOCK_M
         offs_m = off_m + gl.arange(0, BLOCK_M, layout=row_l)
+        valid_rows = gl.load(sid_ptr + offs_m) < num_valid  # for the epilogue: loaded before the K loop
         bs_g, bs_u = _weight_scale_ptrs(bs_ptr, bexp_ptr, pid_m, pid_n, stride_bse, stride_bsn, BLOCK_M, BLOCK_N,
                                         SWIGLU, ALIGN_M)
         acc = zero
@@ -315,10 +316,10 @@ def _grouped_sorted_gluon_kernel(
 
         if SWIGLU:
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem, c_smem.index(0), c_smem.index(1),
-                                c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV, BLOCK_N)
+                                c_desc, cs_ptr, valid_rows, P, row_l, SWIGLU, ACT, FAST_DIV, BLOCK_N)
         else:
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem, c_smem, c_smem, c_desc, cs_ptr,
-                                sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV, BLOCK_N)
+                                valid_rows, P, row_l, SWIGLU, ACT, FAST_DIV, BLOCK_N)
     tma.store_wait(pendings=0)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
@@ -402,6 +403,7 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
         pid_m, pid_n, part = _item_coords(item, pid, progs, num_pid_m, num_pid_n, ITEMS, GROUP_M)
         off_m = pid_m * BLOCK_M + 64 * WG
         offs_m = off_m + gl.arange(0, 64, layout=row_l)
+        valid_rows = gl.load(sid_ptr + offs_m) < num_valid  # for the epilogue: loaded before the K loop
         bs_g, bs_u = _weight_scale_ptrs(bs_ptr, bexp_ptr, pid_m, pid_n, stride_bse, stride_bsn, BLOCK_M, BLOCK_N,
                                         SWIGLU, ALIGN_M)
         acc = zero
@@ -419,11 +421,11 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
 
         if SWIGLU:
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(2 * WG),
-                                c_smem.index(2 * WG + 1), c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT,
+                                c_smem.index(2 * WG + 1), c_desc, cs_ptr, valid_rows, P, row_l, SWIGLU, ACT,
                                 FAST_DIV, BLOCK_N)
         else:
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(WG),
-                                c_smem.index(WG), c_desc, cs_ptr, sid_ptr, num_valid, P, row_l, SWIGLU, ACT, FAST_DIV,
+                                c_smem.index(WG), c_desc, cs_ptr, valid_rows, P, row_l, SWIGLU, ACT, FAST_DIV,
                                 BLOCK_N)
     tma.store_wait(pendings=0)
 
