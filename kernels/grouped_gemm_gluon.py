@@ -234,7 +234,7 @@ def _grouped_sorted_gluon_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     h_smem = gl.allocate_shared_memory(ACT, [BLOCK_M, HALF],
-                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+                                       gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
     if SWIGLU:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, HALF], c_desc.layout)
     else:
@@ -454,7 +454,7 @@ def _grouped_ws_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=NC)  # one arrive per consumer warpgroup
     h_smem = gl.allocate_shared_memory(ACT, [NC, 64, HALF],
-                                       gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0]))
+                                       gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
     if SWIGLU:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2 * NC, 64, HALF], c_desc.layout)  # [warpgroup, half]
     else:
