@@ -65,8 +65,8 @@ class TritonBackend(ReferenceBackend):
             self.config_sources[key] = src
         return cfg
 
-    def _cached(self, owners: tuple, build):
-        key = tuple(id(o) for o in owners)
+    def _cached(self, owners: tuple, build, tag=None):
+        key = tuple(id(o) for o in owners) + (tag,)
         hit = self._packed.get(key)
         if hit is None:
             hit = build()
@@ -178,7 +178,7 @@ class TritonBackend(ReferenceBackend):
         inter, d = w.gate.shape[1], w.gate.shape[2]
         layout = expert_layout(d, inter, x.device)  # gluon (Hopper), sorted, or gather (unaligned rows)
         packed = self._cached((w,), lambda: pack_experts(w.gate, w.up, w.down, *scales,
-                                                         interleave=INTERLEAVE[layout]))
+                                                         interleave=INTERLEAVE[layout]), tag=layout)
         gate_up, down = layout_kernels(layout)  # each GEMM tuned on its own
         self.calls[f"experts.{layout}"] += 1
         t, d = x.shape

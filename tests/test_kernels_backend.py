@@ -95,7 +95,7 @@ def test_dispatch_under_interpreter():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter dispatch test (CPU)")
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_experts_dispatch_and_cache_under_interpreter():
+def test_experts_dispatch_and_cache_under_interpreter(monkeypatch):
     g = torch.Generator().manual_seed(2)
     be = TritonBackend(allow_interpreter=True)
     x = torch.randn(6, 128, generator=g).to(torch.bfloat16)
@@ -111,9 +111,16 @@ def test_experts_dispatch_and_cache_under_interpreter():
     assert be.calls["experts.fp8"] == 1 and be.calls["experts.reference"] == 1
     assert be.calls["experts.sorted"] == 1  # aligned rows, no Gluon off Hopper: the tl.dot sorted layout
     assert len(be._packed) == 1
+    # the packing is kept per layout: one that changes under the same experts (FP8CONV_GLUON toggled,
+    # another device) gets its own packing, not the other layout's
+    import fp8conv.kernels.backend as backend_mod
+
+    monkeypatch.setattr(backend_mod, "expert_layout", lambda d, i, device=None: "gather")
+    torch.testing.assert_close(be.experts(x, ids, w, ex), out, rtol=0.02, atol=0.02)
+    assert be.calls["experts.gather"] == 1 and len(be._packed) == 2
     del ex
     gc.collect()
-    assert len(be._packed) == 0  # the packed copy dies with the Experts object
+    assert len(be._packed) == 0  # the packed copies die with the Experts object
     assert all(src == "default" or isinstance(src, str) for src in be.config_sources.values())
 
 
