@@ -504,8 +504,8 @@ def gluon_ok(device) -> bool:
 def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
     """Whether ``cfg`` suits the Gluon kernels: a warpgroup per 64 rows (BLOCK_M 64 at 4 warps: one
     warpgroup with asynchronous wgmma, whose three 64 x 128 float32 products take ~250 registers; 128 at
-    8: two consumer warpgroups and a TMA warp), BLOCK_N 256 for gate/up (two 128-row items) and 64 or
-    128 for down (one weight scale block per tile)."""
+    8 or 192 at 12: two or three consumer warpgroups and a TMA warp), BLOCK_N 256 for gate/up (two
+    128-row items) and 64 or 128 for down (one weight scale block per tile)."""
     return (cfg.BLOCK_M in (64, 128, 192) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_K == BLOCK
             and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2)
 
@@ -513,9 +513,9 @@ def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
 def expert_layout(d: int, inter: int, device=None) -> str:
     """fused_experts' serving layout for hidden size d and expert width inter on ``device``: "gluon" (both
     GEMMs in Gluon) where rows are 16-byte aligned and gluon_ok(device), "sorted" (tl.dot) where rows are
-    aligned, else "gather". Pack with INTERLEAVE[expert_layout(...)]. H100, 4b experts (docs/benchmarks.md,
-    seventh run): the Gluon layout takes 830 us at 16384 tokens against 946 for tl.dot gate/up + Gluon down
-    and 973 for both on tl.dot; at 4096 tokens 274 against 264-272, at 32 and 512 within 2%."""
+    aligned, else "gather". Pack with INTERLEAVE[expert_layout(...)]. H100, the 4b experts' two GEMMs
+    (docs/benchmarks.md, seventh run): Gluon 793-812 us at 16384 tokens against 976-995 on tl.dot, 271-274
+    against 274-276 at 4096; 2-3% behind at 32 and 512 tokens."""
     if not sorted_path_ok(d, inter):
         return "gather"
     return "gluon" if device is not None and gluon_ok(device) else "sorted"

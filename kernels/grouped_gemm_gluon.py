@@ -79,7 +79,8 @@ def _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_
     s = step % STAGES
     mbarrier.expect(ready.index(s), PARTS * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
     for j in gl.static_range(PARTS):
-        tma.async_copy_global_to_shared(a_desc, [off_m + j * A_ROWS, kk], ready.index(s), a_smem.index(s * PARTS + j))
+        tma.async_copy_global_to_shared(a_desc, [off_m + j * A_ROWS, kk], ready.index(s),
+                                        a_smem.index(s * PARTS + j))
     tma.async_copy_global_to_shared(b_desc, [row0, kk], ready.index(s), b_smem.index(s))
 
 
@@ -160,9 +161,10 @@ def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_des
     """A finished item's output; returns the row maxima a first gate/up item leaves for the second.
 
     SWIGLU: SwiGLU of the even (gate) and odd (up) columns, rounded as the reference rounds them, padding
-    rows (not valid_rows) zeroed; the first item's 64 columns wait in h_buf (stored and read back by the same threads, in
-    the same layout), the second item quantizes both halves with the group's scale and stores them (TMA,
-    c_lo / c_hi) and the scales (K-major). Else the tile in the output dtype through c_lo."""
+    rows (not valid_rows) zeroed; the first item's 64 columns wait in h_buf (stored and read back by the
+    same threads, in the same layout; swizzled, as the 8 rows a warp writes would otherwise share two
+    banks), the second item quantizes both halves with the group's scale and stores them (TMA, c_lo /
+    c_hi) and the scales (K-major). Else the tile in the output dtype through c_lo."""
     HALF: gl.constexpr = BLOCK_N // 2
     if SWIGLU:
         g, u = gl.split(gl.reshape(acc, [acc.shape[0], HALF, 2]))
@@ -385,8 +387,8 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
                  SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  BLOCK_K: gl.constexpr):
-    """Rows [64 WG, 64 WG + 64) of every tile: per K block one synchronous wgmma (the other warpgroup's
-    runs meanwhile), the buffer released, the product scaled into the sum; then the epilogue."""
+    """Rows [64 WG, 64 WG + 64) of every tile: per K block one synchronous wgmma (the other warpgroups'
+    run meanwhile), the buffer released, the product scaled into the sum; then the epilogue."""
     ITEMS: gl.constexpr = 2 if SWIGLU else 1
     HALF: gl.constexpr = BLOCK_N // 2
     acc_l: gl.constexpr = _acc_layout(64, BLOCK_N, 4)
@@ -438,9 +440,13 @@ def _grouped_ws_kernel(
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    """As _grouped_sorted_gluon_kernel (same operands), 128-row tiles: warpgroup 0 (this kernel's 4 warps)
-    and a worker warpgroup take 64 rows each, a 1-warp worker issues the TMA loads. The warpgroups wait
-    for their own wgmma, but not for each other, so one's scaling overlaps the other's MMA."""
+    """As _grouped_sorted_gluon_kernel (same operands, but A's descriptor box is 64 rows), BLOCK_M = 128 or
+    192: warpgroup 0 (this kernel's 4 warps) and one or two worker warpgroups take 64 rows each, a 1-warp
+    worker issues the TMA loads (A in 64-row parts, one buffer per consumer: Triton tensors are powers of
+    two). The warpgroups wait for their own wgmma, but not for each other, so one's scaling overlaps the
+    others' MMAs; each is paced by its own wait-then-scale chain, which is why a third one pays (H100, 927
+    rows per expert: down 226-230 us against 270-280 with two). Registers after setmaxnreg:
+    CONSUMER_REGS per consumer (232 with two, 160 with three), 24 for the loader."""
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     HALF: gl.constexpr = BLOCK_N // 2
@@ -459,27 +465,35 @@ def _grouped_ws_kernel(
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2 * NC, 64, HALF], c_desc.layout)  # [warpgroup, half]
     else:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [NC, 64, BLOCK_N], c_desc.layout)
+    # each partition's arguments spelled out: Gluon 3.6 keeps no JIT function or dtype in a tuple variable
     if NC == 2:
-        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
-                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
-                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
-                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
-                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
-                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
                             (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
-                                            ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))], [4, 1], [CONSUMER_REGS, 24])
+                                         ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))],
+                           [4, 1], [CONSUMER_REGS, 24])
     else:
-        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
-                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
-                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
-                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
-                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
-                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
-                            (_ws_consumer, (2, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
-                                     used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn, SWIGLU, ACT, FAST_DIV,
-                                     ALIGN_M, GROUP_M, STAGES, BLOCK_M, BLOCK_N, BLOCK_K)),
+        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (2, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
                             (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
-                                            ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+                                         ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))],
+                           [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
