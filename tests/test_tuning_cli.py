@@ -287,3 +287,15 @@ def test_tune_refuses_a_checkpoint_without_fp8_weights(tmp_path, capsys):
               str(tmp_path / "model.safetensors"))
     assert main(["tune", str(tmp_path)]) == 2
     assert "no FP8 weights" in capsys.readouterr().err
+
+
+def test_show_names_the_experts_kernels_the_backend_runs_on_each_device(tmp_path, capsys):
+    """--show for a device known by name derives the experts as the backend would run them there: both
+    GEMMs in Gluon on a Hopper GPU, on the tl.dot kernel elsewhere (not as on this CPU)."""
+    kernels = {}
+    for dev in (H100, "NVIDIA A100-SXM4-80GB"):
+        assert main(["tune", "--show", "--preset", "4b", "--cache", str(tmp_path), "--device", dev, "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        kernels[dev] = {c["kernel"] for c in rep["checkpoint"]["devices"][dev] if "grouped" in c["kernel"]}
+    assert kernels[H100] == {"fp8_grouped_gemm_gluon"}
+    assert kernels["NVIDIA A100-SXM4-80GB"] == {"fp8_grouped_gemm"}

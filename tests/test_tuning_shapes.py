@@ -262,6 +262,11 @@ def test_experts_take_the_grouped_kernel_the_backend_runs():
     load = shapes.Load(batch=2, beam=4)
     names = {p.kernel for p in shapes.derive(cfg, load) if p.experts}
     assert shapes.expert_layout(cfg.hidden_size, cfg.moe_intermediate_size) == "sorted"
+    # another machine, known by name (tune --show): the Gluon layout on Hopper, where rows are aligned
+    assert shapes.expert_layout_on("NVIDIA H100 80GB HBM3", 1408, 1408) == "gluon"
+    assert shapes.expert_layout_on("NVIDIA H200", 1408, 1408) == "gluon"
+    assert shapes.expert_layout_on("NVIDIA A100-SXM4-80GB", 1408, 1408) == "sorted"
+    assert shapes.expert_layout_on("NVIDIA H100 80GB HBM3", 200, 150) == "gather"
     assert names == {"fp8_grouped_gemm"}
     gl = [p for p in shapes.derive(cfg, load, layout="gluon") if p.experts]
     assert {(p.kernel, p.swiglu) for p in gl} == {("fp8_grouped_gemm_gluon", True), ("fp8_grouped_gemm_gluon", False)}

@@ -186,6 +186,22 @@ def expert_layout(d: int, inter: int, device=None) -> str:
     return gg.expert_layout(d, inter, torch.device(device))
 
 
+# GPU names of compute capability 9.x (Hopper), for naming another machine's experts layout
+_HOPPER_NAMES = ("H100", "H200", "H800", "H20", "GH200")
+
+
+def expert_layout_on(device_name: str, d: int, inter: int) -> str:
+    """The experts' layout the backend serves on a GPU known only by name (``tune --show --device``, the
+    shipped caches' devices): the Gluon layout on a Hopper GPU (with Triton GLUON_TRITON there, the
+    version the shipped caches were tuned with), where rows are 16-byte aligned; else as on this machine
+    without Gluon."""
+    from fp8conv.kernels import grouped_gemm as gg
+
+    if not gg.sorted_rows_aligned(d, inter):
+        return "gather"
+    return "gluon" if any(h in device_name for h in _HOPPER_NAMES) else "sorted"
+
+
 def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
            layout: str | None = None) -> list[Problem]:
     """Every distinct kernel problem, tunable ones first, merged by (kernel, N, K, M). layout: the
