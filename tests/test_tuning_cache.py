@@ -223,7 +223,8 @@ def _shipped_choices(device):
     triton = next(iter(good[0][1].entries.values())).triton
     example = load_config(os.path.join(os.path.dirname(__file__), "..", "fp8conv", "data", "onerec_example"))
     for cfg in (preset("4b"), example):
-        probs = shapes.derive(cfg, shapes.Load(batch=32, beam=512), layout="gluon")
+        layout = shapes.expert_layout_on(device, cfg.hidden_size, cfg.moe_intermediate_size)  # Gluon there
+        probs = shapes.derive(cfg, shapes.Load(batch=32, beam=512), layout=layout)
         for p in shapes.tuning_targets(probs):
             yield p.label(), lookup.lookup(p.kernel, p.n, p.k, p.m, device=device, triton=triton, dirs=[root])
 
