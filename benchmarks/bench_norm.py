@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from datetime import datetime, timezone
 
@@ -29,6 +28,7 @@ import triton
 from fp8conv.kernels import norm
 from fp8conv.kernels.testing import check, check_ulps
 from fp8conv.runtime.ops import rms_norm
+from fp8conv.tuning.cache import atomic_write_text
 
 from bench_timing import rotating, time_us  # benchmarks/ is on sys.path when run as a script
 
@@ -90,11 +90,8 @@ def main(argv=None):
         print(f"{m:6d} {d:5d} | eager {t['eager']:8.1f} us | F.rms_norm {t['F.rms_norm']:8.1f} us | "
               f"triton {t['triton']:8.1f} us | {gbs:7.1f} GB/s | {row['x_vs_eager']:.2f}x vs eager, "
               f"{row['x_vs_F_rms_norm']:.2f}x vs F.rms_norm", flush=True)
-    if args.json:  # a temporary file renamed into place: never a half-written result
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"env": env, "results": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+    if args.json:  # never a half-written result
+        atomic_write_text(args.json, json.dumps({"env": env, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from fp8conv import numerics as fp8
 from fp8conv.kernels.backend import TritonBackend
 from fp8conv.kernels.testing import check
 from fp8conv.runtime.ops import Linear, ReferenceBackend, rms_norm
+from fp8conv.tuning.cache import atomic_write_text
 
 from bench_timing import rotating, time_us  # benchmarks/ is on sys.path when run as a script
 
@@ -80,9 +81,8 @@ def main(argv=None):
         print(f"M={m:6d} | bf16 {t['bf16']:8.1f} us | fp8 per Linear {t['fp8 per Linear']:8.1f} us | "
               f"fp8 norm_linears {t['fp8 norm_linears']:8.1f} us | {row['x_vs_bf16']:.2f}x bf16, "
               f"{row['x_vs_per_linear']:.2f}x per Linear", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "results": rows}, f, indent=1)
+    if args.json:  # never a half-written result
+        atomic_write_text(args.json, json.dumps({"env": env, "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

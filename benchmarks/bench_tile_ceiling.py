@@ -26,6 +26,7 @@ from bench_timing import rotating, time_us  # noqa: E402
 from fp8conv import metrics  # noqa: E402
 from fp8conv.kernels.config import KernelConfig, default_config  # noqa: E402
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt  # noqa: E402
+from fp8conv.tuning.cache import atomic_write_text  # noqa: E402
 
 ROWS = 49152
 SHAPES = [("down-like", 1408, 1408), ("gate/up-like", 2816, 1408)]
@@ -70,10 +71,7 @@ def main(argv=None):
     if args.json:
         meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                 "triton": __import__("triton").__version__}
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps({"meta": meta, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

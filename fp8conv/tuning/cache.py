@@ -29,8 +29,7 @@ from pathlib import Path
 from fp8conv.kernels.config import KernelConfig
 
 FORMAT = "fp8conv-tuning-cache"
-FORMAT_VERSION = 1
-KERNELS = ("fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon", "topk")  # what `fp8conv tune` writes (any [a-z0-9_] name parses)
+FORMAT_VERSION = 1  # kernel names: shapes.TUNABLE writes them; any [a-z0-9_] name parses
 ENV_VAR = "FP8CONV_TUNING_CACHE"
 
 _FILE_RE = re.compile(r"^(?P<kernel>[a-z0-9_]+)_N(?P<n>\d+)_K(?P<k>\d+)\.json$")

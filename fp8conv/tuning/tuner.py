@@ -182,12 +182,8 @@ def show(src: Source | None, load: shapes.Load, extra_dirs: list[Path], device: 
            "triton": lookup.triton_version()}
     if src is not None:
         here = lookup.current_device()
+        devs = [device] if device else [here] if here else sorted(devices) or [candidates_h100_name()]
         d, inter = src.cfg.hidden_size, src.cfg.moe_intermediate_size
-        # the experts' kernels are the ones the backend runs on each device: this GPU's rule for this GPU,
-        # the rule for its name elsewhere (the Gluon kernels on Hopper)
-        layout = {dev: shapes.expert_layout(d, inter) if dev == here else shapes.expert_layout_on(dev, d, inter)
-                  for dev in ([device] if device else [here] if here else sorted(devices) or [candidates_h100_name()])}
-        devs = list(layout)
         out["checkpoint"] = {"source": src.label, "schemes_from": src.scheme_origin,
                              "load": {"batch": load.batch, "beam": load.beam, "context": load.context},
                              "devices": {}}
@@ -197,7 +193,10 @@ def show(src: Source | None, load: shapes.Load, extra_dirs: list[Path], device: 
         with warnings.catch_warnings():  # bad files are in "bad_files" (SKIPPED): no second, raw report
             warnings.simplefilter("ignore", lookup.TuningFallbackWarning)
             for dev in devs:
-                targets = shapes.tuning_targets(shapes.derive(src.cfg, load, src.schemes, layout=layout[dev]))
+                # the experts' kernels as the backend runs them on that device: this GPU's rule here, the
+                # rule for its name elsewhere (the Gluon kernels on Hopper)
+                layout = shapes.expert_layout(d, inter) if dev == here else shapes.expert_layout_on(dev, d, inter)
+                targets = shapes.tuning_targets(shapes.derive(src.cfg, load, src.schemes, layout=layout))
                 out["checkpoint"]["devices"][dev] = [
                     lookup.lookup(p.kernel, p.n, p.k, p.m, device=dev, dirs=dirs).to_dict() | {"label": p.label()}
                     for p in targets]
