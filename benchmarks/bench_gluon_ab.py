@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import statistics
 import sys
@@ -31,8 +30,7 @@ import bench_kernels as bk  # noqa: E402
 from bench_timing import time_us  # noqa: E402
 
 from fp8conv import numerics as fp8  # noqa: E402
-from fp8conv.kernels import act_quant, grouped_gemm as gg  # noqa: E402
-from fp8conv.kernels.config import default_config  # noqa: E402
+from fp8conv.kernels import grouped_gemm as gg  # noqa: E402
 from fp8conv.kernels.testing import TOL  # noqa: E402
 from fp8conv.tuning.cache import atomic_write_text  # noqa: E402
 
@@ -59,15 +57,9 @@ def main(argv=None) -> int:
     first = next(iter(sides))
     D, I, E, TOPK = bk.D, bk.INTER_E, bk.E, bk.TOPK
     g = torch.Generator(device="cuda").manual_seed(0)
-
-    def qb(rows, cols):
-        w = torch.randn(E, rows, cols, device="cuda", generator=g) * cols ** -0.5
-        qs = [fp8.quantize_block(w[e]) for e in range(E)]
-        return w.to(torch.bfloat16), torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
-
-    gb, gq, gs = qb(I, D)
-    ub, uq, us_ = qb(I, D)
-    db, dq, ds = qb(D, I)
+    gb, gq, gs = bk.block_fp8_experts(g, I, D)
+    ub, uq, us_ = bk.block_fp8_experts(g, I, D)
+    db, dq, ds = bk.block_fp8_experts(g, D, I)
     packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1)
     w13t = gg._interleave_blocks(gb, ub, 128).transpose(1, 2)
     w2t = db.transpose(1, 2)
@@ -77,12 +69,7 @@ def main(argv=None) -> int:
         rows = m * TOPK
         x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
         ids = torch.rand(m, E, device="cuda", generator=g).topk(TOPK, dim=1).indices
-        rpe = max(1, rows // E)
-        c1 = default_config(gg.GLUON_KERNEL, rpe, 2 * I, D, gate_up=True)
-        c2 = default_config(gg.GLUON_KERNEL, rpe, D, I, gate_up=False)
-        align = math.lcm(c1.BLOCK_M, c2.BLOCK_M)
-        sid, bexp, pos, used = gg.moe_align(ids, E, align, with_pos=True)
-        xq, xs = act_quant.per_group_quant_sorted(x, pos, sid.numel())
+        c1, c2, align, (sid, bexp, pos, used), xq, xs = bk.sorted_operands(x, ids)
         fl = pos.reshape(-1).long()
 
         def gate_up():

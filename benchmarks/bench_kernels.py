@@ -292,17 +292,30 @@ def sweep_gemm(name, m, n, k, sets, ref, smm, flops, nbytes):
 
 # -- MoE -----------------------------------------------------------------------------------------------
 
+def block_fp8_experts(g, rows, cols):
+    """The E experts' (rows, cols) weights from generator g: bf16 copies, block-FP8 (128x128) values, scales."""
+    w = torch.randn(E, rows, cols, device="cuda", generator=g) * cols ** -0.5
+    qs = [fp8.quantize_block(w[e]) for e in range(E)]
+    return w.to(torch.bfloat16), torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+
+
+def sorted_operands(x, ids, kernels=(gg.GLUON_KERNEL, gg.GLUON_KERNEL)):
+    """The two expert GEMMs' default configs for these tokens (kernels: gate/up's, down's), the rows'
+    alignment (the lcm of their BLOCK_Ms, as fused_experts aligns them), moe_align's (sorted ids, block
+    experts, positions, used blocks) and x quantized into the sorted rows (values, K-major scales)."""
+    rpe = max(1, ids.numel() // E)
+    c1 = default_config(kernels[0], rpe, 2 * INTER_E, D, gate_up=True)
+    c2 = default_config(kernels[1], rpe, D, INTER_E, gate_up=False)
+    align = math.lcm(c1.BLOCK_M, c2.BLOCK_M)
+    aligned = gg.moe_align(ids, E, align, with_pos=True)
+    return (c1, c2, align, aligned) + tuple(act_quant.per_group_quant_sorted(x, aligned[2], aligned[0].numel()))
+
+
 def bench_moe(ms, sweep):
     g = torch.Generator(device="cuda").manual_seed(0)
-
-    def qb(rows, cols):
-        w = torch.randn(E, rows, cols, device="cuda", generator=g) * cols ** -0.5
-        qs = [fp8.quantize_block(w[e]) for e in range(E)]
-        return w.to(torch.bfloat16), torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
-
-    gb, gq, gs = qb(INTER_E, D)
-    ub, uq, us_ = qb(INTER_E, D)
-    db, dq, ds = qb(D, INTER_E)
+    gb, gq, gs = block_fp8_experts(g, INTER_E, D)
+    ub, uq, us_ = block_fp8_experts(g, INTER_E, D)
+    db, dq, ds = block_fp8_experts(g, D, INTER_E)
     packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=64)  # the sorted layout's (serving path)
     packed_g = gg.pack_experts(gq, uq, dq, gs, us_, ds)  # the gather layout's, for its comparison rows
     # the Gluon kernels (Hopper, where gg.gluon_ok): serving runs both GEMMs there (the "gluon" layout,
@@ -394,11 +407,7 @@ def bench_moe(ms, sweep):
         if use_gluon:
             # the same tokens through the Gluon kernels at their own defaults (w13 interleaved by 1; rows
             # aligned to their BLOCK_M), checked against the tl.dot kernels' outputs row for row
-            gc1 = default_config(gg.GLUON_KERNEL, rpe, 2 * INTER_E, D, gate_up=True)
-            gc2 = default_config(gg.GLUON_KERNEL, rpe, D, INTER_E, gate_up=False)
-            galign = math.lcm(gc1.BLOCK_M, gc2.BLOCK_M)
-            sid_l, bexp_l, pos_l, used_l = gg.moe_align(ids, E, galign, with_pos=True)
-            xq_l, xs_l = act_quant.per_group_quant_sorted(x, pos_l, sid_l.numel())
+            gc1, gc2, galign, (sid_l, bexp_l, pos_l, used_l), xq_l, xs_l = sorted_operands(x, ids)
             fl_l = pos_l.reshape(-1).long()
             gl13 = (xq_l, xs_l, packed_gl.w13, packed_gl.s13, sid_l, bexp_l, used_l)
             run13 = lambda: gg.grouped_gemm_sorted(*gl13, swiglu=True, num_valid=rows, align_m=galign,  # noqa: E731

@@ -11,7 +11,6 @@ launch of each GEMM, then the profiled one. Prints the layout and configs.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
@@ -20,9 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 
-from fp8conv import numerics as fp8  # noqa: E402
-from fp8conv.kernels import act_quant, grouped_gemm as gg  # noqa: E402
-from fp8conv.kernels.config import default_config  # noqa: E402
+from fp8conv.kernels import grouped_gemm as gg  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -36,20 +33,14 @@ def main(argv=None) -> int:
     if layout == "gather":
         sys.exit("profile_experts profiles the sorted layouts (d and I multiples of 16)")
     g = torch.Generator(device="cuda").manual_seed(0)
-    w = [fp8.quantize_block(torch.randn(r, c, device="cuda", generator=g) * c ** -0.5)
-         for _ in range(E) for r, c in ((I, D), (I, D), (D, I))]
-    stack = [torch.stack([w[3 * e + j][i] for e in range(E)]) for j in range(3) for i in range(2)]
-    packed = gg.pack_experts(stack[0], stack[2], stack[4], stack[1], stack[3], stack[5],
-                             interleave=gg.INTERLEAVE[layout])
+    _, gq, gs = bk.block_fp8_experts(g, I, D)
+    _, uq, us_ = bk.block_fp8_experts(g, I, D)
+    _, dq, ds = bk.block_fp8_experts(g, D, I)
+    packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=gg.INTERLEAVE[layout])
     rows = args.m * TOPK
     x = torch.randn(args.m, D, device="cuda", dtype=torch.bfloat16)
     ids = torch.rand(args.m, E, device="cuda", generator=g).topk(TOPK, dim=1).indices
-    kernel = gg.layout_kernels(layout)
-    c1 = default_config(kernel[0], max(1, rows // E), 2 * I, D, gate_up=True)
-    c2 = default_config(kernel[1], max(1, rows // E), D, I, gate_up=False)
-    align = math.lcm(c1.BLOCK_M, c2.BLOCK_M)
-    sid, bexp, pos, used = gg.moe_align(ids, E, align, with_pos=True)
-    xq, xs = act_quant.per_group_quant_sorted(x, pos, sid.numel())
+    c1, c2, align, (sid, bexp, pos, used), xq, xs = bk.sorted_operands(x, ids, gg.layout_kernels(layout))
     impl = "gluon" if layout == "gluon" else "triton"
     print(f"layout {layout}, align {align}, gate/up {c1}, down {c2}", flush=True)
     for _ in range(2):  # warm-up (compiles, sizes the grids), then the profiled launch

@@ -401,6 +401,20 @@ def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_pt
 
 
 @gluon.jit
+def _ws_step(acc, prod, step, sa, sg, su, is_up, a_smem, b_smem, ready, empty, WG: gl.constexpr,
+             BLOCK_M: gl.constexpr, SWIGLU: gl.constexpr, STAGES: gl.constexpr):
+    """One K step of consumer WG: its wgmma once the buffers are loaded (use_acc=False: prod's registers
+    are only the destination), waited for, the buffer released, the product scaled into acc."""
+    s = step % STAGES
+    mbarrier.wait(ready.index(s), (step // STAGES) & 1)
+    prod = warpgroup_mma(a_smem.index(s * (BLOCK_M // 64) + WG), b_smem.index(s).permute((1, 0)), prod,
+                         use_acc=False, is_async=True)
+    prod = warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
+    mbarrier.arrive(empty.index(s), count=1)
+    return _promote(acc, prod, sa, sg, su, is_up, SWIGLU), prod, step + 1
+
+
+@gluon.jit
 def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr, bexp_ptr,
                  used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn,
                  SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
@@ -428,17 +442,27 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
         bs_g, bs_u = _weight_scale_ptrs(bs_ptr, bexp_ptr, pid_m, pid_n, stride_bse, stride_bsn, BLOCK_M, BLOCK_N,
                                         SWIGLU, ALIGN_M)
         acc = zero
-        for kb in range(k_tiles):
-            s = step % STAGES
-            sa, sg, su = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)  # in flight while this warpgroup waits
-            mbarrier.wait(ready.index(s), (step // STAGES) & 1)
-            # use_acc=False: prod's registers are only the destination (no zeros to write first)
-            prod = warpgroup_mma(a_smem.index(s * (BLOCK_M // 64) + WG), b_smem.index(s).permute((1, 0)), prod,
-                                 use_acc=False, is_async=True)
-            prod = warpgroup_mma_wait(num_outstanding=0, deps=(prod,))
-            mbarrier.arrive(empty.index(s), count=1)
-            acc = _promote(acc, prod, sa, sg, su, is_up, SWIGLU)
-            step += 1
+        if BLOCK_M == 128:
+            # Two consumers: each K block's scales load a block ahead, in two register sets taken in turn
+            # (the loop unrolled by two; one set copied from the other put the copy, which waits on the
+            # load, between a step's wgmma instructions). H100, 4096 tokens: gate/up 176.9 -> 173.1 us,
+            # down 83.2 -> 79.2. With three consumers it measured slower (gate/up 528 -> 551 us at 16384).
+            sa0, sg0, su0 = _kb_scales(0, as_ptr, P, offs_m, bs_g, bs_u)
+            for kb in range(0, k_tiles - 1, 2):
+                sa1, sg1, su1 = _kb_scales(kb + 1, as_ptr, P, offs_m, bs_g, bs_u)
+                acc, prod, step = _ws_step(acc, prod, step, sa0, sg0, su0, is_up, a_smem, b_smem, ready, empty, WG,
+                                           BLOCK_M, SWIGLU, STAGES)
+                sa0, sg0, su0 = _kb_scales(gl.minimum(kb + 2, k_tiles - 1), as_ptr, P, offs_m, bs_g, bs_u)
+                acc, prod, step = _ws_step(acc, prod, step, sa1, sg1, su1, is_up, a_smem, b_smem, ready, empty, WG,
+                                           BLOCK_M, SWIGLU, STAGES)
+            if k_tiles % 2 == 1:
+                acc, prod, step = _ws_step(acc, prod, step, sa0, sg0, su0, is_up, a_smem, b_smem, ready, empty, WG,
+                                           BLOCK_M, SWIGLU, STAGES)
+        else:
+            for kb in range(k_tiles):
+                sa, sg, su = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)  # in flight while this warpgroup waits
+                acc, prod, step = _ws_step(acc, prod, step, sa, sg, su, is_up, a_smem, b_smem, ready, empty, WG,
+                                           BLOCK_M, SWIGLU, STAGES)
 
         if SWIGLU:
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(2 * WG),
