@@ -24,6 +24,7 @@ import statistics
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
@@ -61,8 +62,7 @@ def main(argv=None) -> int:
     ub, uq, us_ = bk.block_fp8_experts(g, I, D)
     db, dq, ds = bk.block_fp8_experts(g, D, I)
     packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1)
-    w13t = gg._interleave_blocks(gb, ub, 128).transpose(1, 2)
-    w2t = db.transpose(1, 2)
+    w13t, w2t = bk.bf16_expert_views(gb, ub, db)
     out = []
     print(f"{'tokens':>6} {'GEMM':<8} {'side':<24} {'us':>8} {'vs ' + first:>12} {'x bf16':>7}")
     for m in [int(v) for v in args.m.split(",")]:
@@ -94,9 +94,7 @@ def main(argv=None) -> int:
                 for side in sides for i, gemm in enumerate(("gate/up", "down"))}
         hq, hs = res[first][2], res[first][3]  # every side's down GEMM reads the same input
         runs = {"gate/up": gate_up, "down": lambda: down(hq, hs)}
-        order = torch.argsort(ids.reshape(-1), stable=True)
-        offs = torch.cumsum(torch.bincount(ids.reshape(-1), minlength=E), 0).to(torch.int32)
-        xs_sorted = x[order // TOPK].contiguous()
+        _, xs_sorted, offs = bk.bf16_sorted_rows(x, ids)
         h_b = torch.randn(rows, I, device="cuda", dtype=torch.bfloat16)
         base = {"gate/up": lambda: torch._grouped_mm(xs_sorted, w13t, offs=offs),
                 "down": lambda: torch._grouped_mm(h_b, w2t, offs=offs)}
@@ -110,11 +108,11 @@ def main(argv=None) -> int:
                 times[gemm, "bf16"].append(time_us(base[gemm], [()]))
         use("new")
         med = {k: statistics.median(v) for k, v in times.items()}
+        for side in names:
+            med["both", side] = med["gate/up", side] + med["down", side]
         for gemm in ("gate/up", "down", "both"):
             for side in names:
-                t = med["gate/up", side] + med["down", side] if gemm == "both" else med[gemm, side]
-                t0 = med["gate/up", first] + med["down", first] if gemm == "both" else med[gemm, first]
-                tb = med["gate/up", "bf16"] + med["down", "bf16"] if gemm == "both" else med[gemm, "bf16"]
+                t, t0, tb = med[gemm, side], med[gemm, first], med[gemm, "bf16"]
                 print(f"{m:6d} {gemm:<8} {side:<24} {t:8.1f} {t / t0:12.3f} {tb / t:7.2f}", flush=True)
                 out.append({"tokens": m, "gemm": gemm, "side": side, "us": round(t, 2), "x_bf16": round(tb / t, 3),
                             "err_vs_first": errs.get((gemm, side)),
@@ -123,7 +121,7 @@ def main(argv=None) -> int:
     if args.json:
         atomic_write_text(args.json, json.dumps({"env": {"gpu": torch.cuda.get_device_name(),
                                                          "torch": torch.__version__,
-                                                         "triton": __import__("triton").__version__},
+                                                         "triton": triton.__version__},
                                                  "results": out}, indent=1))
     bad = [e for e in (r["err_vs_first"] for r in out) if e is not None and not e < TOL]
     return 1 if bad else 0

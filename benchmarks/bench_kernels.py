@@ -311,6 +311,21 @@ def sorted_operands(x, ids, kernels=(gg.GLUON_KERNEL, gg.GLUON_KERNEL)):
     return (c1, c2, align, aligned) + tuple(act_quant.per_group_quant_sorted(x, aligned[2], aligned[0].numel()))
 
 
+def bf16_expert_views(gb, ub, db):
+    """torch._grouped_mm's (E, K, N) column-major weights: w13 (gate and up blocks interleaved by 128, the
+    FP8 weight's layout, I_E % 128 == 0) and w2."""
+    return gg._interleave_blocks(gb, ub, 128).transpose(1, 2), db.transpose(1, 2)
+
+
+def bf16_sorted_rows(x, ids):
+    """torch._grouped_mm's rows: the stable order of the routed slots by expert, x's rows in that order
+    and each expert's end offset."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.cumsum(torch.bincount(flat, minlength=E), 0).to(torch.int32)
+    return order, x[order // TOPK].contiguous(), offs
+
+
 def bench_moe(ms, sweep):
     g = torch.Generator(device="cuda").manual_seed(0)
     gb, gq, gs = block_fp8_experts(g, INTER_E, D)
@@ -322,8 +337,7 @@ def bench_moe(ms, sweep):
     # gate/up rows interleaved by 1, grouped_gemm.expert_layout); the tl.dot sorted layout is timed beside
     use_gluon = gg.gluon_ok("cuda")
     packed_gl = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1) if use_gluon else None
-    w13b = gg._interleave_blocks(gb, ub, 128)  # same layout as the FP8 weight (I_E % 128 == 0)
-    w13t, w2t = w13b.transpose(1, 2), db.transpose(1, 2)  # (E, K, N) column-major views
+    w13t, w2t = bf16_expert_views(gb, ub, db)
     for m in ms:
         rows = m * TOPK
         x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
@@ -338,11 +352,7 @@ def bench_moe(ms, sweep):
         xq, xs = act_quant.per_group_quant(x)
         sid, bexp = gg.moe_align(ids, E, align)
         # bf16 baseline: rows sorted by expert, torch._grouped_mm for gate/up and down
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E)
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        xs_sorted = x[order // TOPK].contiguous()
+        order, xs_sorted, offs = bf16_sorted_rows(x, ids)
         have_gmm = hasattr(torch, "_grouped_mm")
         if have_gmm:
             gu = torch._grouped_mm(xs_sorted, w13t, offs=offs)
