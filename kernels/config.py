@@ -140,9 +140,8 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
     if kernel == "fp8_grouped_gemm_gluon":
         gu = (n > k) if gate_up is None else gate_up
         if m >= GLUON_WS3_MIN_ROWS:
-            # gate/up: 3 stages, the fourth's shared memory holds the epilogue warpgroup's stashes
             return KernelConfig(BLOCK_M=192, BLOCK_N=256 if gu else 128, BLOCK_K=128, GROUP_M=8, num_warps=12,
-                                num_stages=3 if gu else 4)
+                                num_stages=4)
         if m >= GLUON_WS_MIN_ROWS:
             # H100 sweep at 49152 rows (docs/benchmarks.md): the warp-specialized kernel, gate/up
             # 128 x 256 s5 651 us (128 x 256 s3 675, 64 x 256 s3 795); down 128 x 128 s4 272 us (s5

@@ -505,11 +505,9 @@ def gluon_config_ok(cfg: KernelConfig, swiglu: bool) -> bool:
     """Whether ``cfg`` suits the Gluon kernels: a warpgroup per 64 rows (BLOCK_M 64 at 4 warps: one
     warpgroup with asynchronous wgmma, whose three 64 x 128 float32 products take ~250 registers; 128 at
     8 or 192 at 12: two or three consumer warpgroups and a TMA warp), BLOCK_N 256 for gate/up (two
-    128-row items) and 64 or 128 for down (one weight scale block per tile); gate/up at 192 rows in at
-    most 3 stages (its epilogue warpgroup's buffers take the shared memory of a fourth)."""
+    128-row items) and 64 or 128 for down (one weight scale block per tile)."""
     return (cfg.BLOCK_M in (64, 128, 192) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_K == BLOCK
-            and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2
-            and not (swiglu and cfg.BLOCK_M == 192 and cfg.num_stages > 3))
+            and (cfg.BLOCK_N == 2 * BLOCK if swiglu else cfg.BLOCK_N in (64, BLOCK)) and cfg.num_stages >= 2)
 
 
 def expert_layout(d: int, inter: int, device=None) -> str:

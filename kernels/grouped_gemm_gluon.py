@@ -38,10 +38,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-# registers per thread of each of the three consumers in the gate/up form with an epilogue warpgroup: Triton
-# gives that (default) partition what is left of 96 x 640 at launch, 48 (3 x 128 x 136 + 128 x 24 for the
-# loader's padded warpgroup = 55296 of 61440)
-EPI_CONSUMER_REGS = 136
 _GL_ACT = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 _GL_OUT = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32,
            torch.float8_e4m3fn: gl.float8e4nv}
@@ -402,9 +398,6 @@ def launch_sorted(a, a_scale_t, b, b_scale, sorted_ids, block_expert, used_block
     if ws:
         # consumer registers after setmaxnreg: what 2 (3) consumer warpgroups and the loader's (24) leave
         kernel, meta = _grouped_ws_kernel, dict(meta, BLOCK_M=block_m, CONSUMER_REGS=232 if block_m == 128 else 160)
-        args = args[:9] + (c, c.stride(0)) + args[9:]
-        if swiglu and block_m == 192 and out_dtype != torch.float32:  # the epilogue warpgroup's form
-            meta.update(EPI_WG=True, CONSUMER_REGS=EPI_CONSUMER_REGS)
     else:
         kernel = _grouped_sorted_gluon_kernel
     if warmup:
@@ -461,8 +454,7 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
                  used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse, stride_bsn,
                  SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
                  GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 BLOCK_K: gl.constexpr, h_lo_buf=None, h_hi_buf=None, amax_smem=None, full=None, free=None,
-                 EPI_WG: gl.constexpr = False):
+                 BLOCK_K: gl.constexpr):
     """Rows [64 WG, 64 WG + 64) of every tile: per K block one synchronous wgmma (the other warpgroups'
     run meanwhile), the buffer released, the product scaled into the sum; then the epilogue."""
     ITEMS: gl.constexpr = 2 if SWIGLU else 1
@@ -507,23 +499,7 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
                 acc, prod, step = _ws_step(acc, prod, step, sa, sg, su, is_up, a_smem, b_smem, ready, empty, WG,
                                            BLOCK_M, SWIGLU, STAGES)
 
-        if EPI_WG:
-            # SwiGLU here; the quantization and stores in the epilogue warpgroup (_ws_quant_epilogue)
-            g, u = gl.split(gl.reshape(acc, [64, HALF, 2]))
-            g = _round(g, ACT)
-            h = _round(g * _sigmoid(g) * _round(u, ACT), ACT)
-            h_l: gl.constexpr = g.type.layout
-            h = gl.where(gl.convert_layout(valid_rows, gl.SliceLayout(1, h_l))[:, None], h, 0.0)
-            amax = gl.convert_layout(gl.max(gl.abs(h), axis=1), row_l)
-            if part == 0:
-                mbarrier.wait(free.index(WG), (item // 2 - 1) & 1, pred=item > 1)  # the last group has left
-                _store_chunks(h_lo_buf, 4 * WG, h.to(ACT))
-                amax_lo = amax
-            else:
-                _store_chunks(h_hi_buf, 4 * WG, h.to(ACT))
-                amax_smem.index(WG).store(gl.maximum(amax, amax_lo))
-                mbarrier.arrive(full.index(WG), count=1)
-        elif SWIGLU:
+        if SWIGLU:
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(2 * WG),
                                 c_smem.index(2 * WG + 1), c_desc, cs_ptr, valid_rows, P, row_l, SWIGLU, ACT,
                                 FAST_DIV, BLOCK_N)
@@ -535,71 +511,12 @@ def _ws_consumer(WG: gl.constexpr, a_smem, b_smem, ready, empty, h_smem, c_smem,
 
 
 @gluon.jit
-def _store_chunks(buf, base: gl.constexpr, h):
-    """A [64, 64] tile into buffers base .. base + 3 of buf, columns [16 j, 16 j + 16) into buffer base + j
-    (reshape, permute and splits: each thread's values are regrouped, not moved)."""
-    HALF: gl.constexpr = h.shape[1]
-    w = gl.permute(gl.reshape(h, [64, 2, 2, HALF // 4]), (0, 3, 1, 2))
-    w0, w1 = gl.split(w)  # chunk j = 2 a + b: w0 holds b = 0, w1 b = 1; a is split next
-    w00, w10 = gl.split(w0)
-    w01, w11 = gl.split(w1)
-    buf.index(base).store(w00)
-    buf.index(base + 1).store(w01)
-    buf.index(base + 2).store(w10)
-    buf.index(base + 3).store(w11)
-
-
-@gluon.jit
-def _ws_quant_epilogue(h_lo, h_hi, amax_smem, full, free, c_ptr, ldc, cs_ptr, used_ptr, P, N, K,
-                       FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, BLOCK_M: gl.constexpr,
-                       BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
-    """The quantization and stores of the gate/up output, in a warpgroup of its own while the consumers run
-    their next items (done by the consumers themselves, the second item's epilogue took ~7000 clocks of
-    which ~4500 were this, with the tensor cores idle: H100 clock trace). Per group of two items and per
-    consumer: the consumer leaves both halves' SwiGLU output (rounded to the activation dtype) in h_lo /
-    h_hi in 16-column chunks and the group's row maxima in amax_smem; this warpgroup quantizes them with
-    the group's scale (quantize_values' arithmetic), stores the FP8 rows and the scales (K-major), and
-    releases the buffers."""
-    NC: gl.constexpr = BLOCK_M // 64
-    HALF: gl.constexpr = BLOCK_N // 2
-    CH: gl.constexpr = 4
-    CW: gl.constexpr = HALF // CH
-    chunk_l: gl.constexpr = gl.BlockedLayout([1, 4], [16, 2], [4, 1], [1, 0])
-    row_l: gl.constexpr = gl.SliceLayout(1, chunk_l)
-    num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total = _schedule(
-        used_ptr, N, K, BLOCK_M, BLOCK_N, BLOCK_K, 2, ALIGN_M)
-    rows = gl.arange(0, 64, layout=row_l)
-    cols = gl.arange(0, CW, layout=gl.SliceLayout(0, chunk_l))
-    for group in range(my_items // 2):
-        pid_m, pid_n, part = _item_coords(2 * group + 1, pid, progs, num_pid_m, num_pid_n, 2, GROUP_M)
-        for c in range(NC):
-            offs_m = pid_m * BLOCK_M + 64 * c + rows
-            mbarrier.wait(full.index(c), group & 1)
-            amax = amax_smem.index(c).load(row_l)
-            scale = gl.where(amax == 0.0, 1.0, gl.div_rn(amax, gl.full_like(amax, 448.0)))
-            out = c_ptr + offs_m.to(gl.int64)[:, None] * ldc + (pid_n * BLOCK_N + cols)[None, :]
-            for ch in gl.static_range(CH):
-                lo = h_lo.index(c * CH + ch).load(chunk_l).to(gl.float32)
-                hi = h_hi.index(c * CH + ch).load(chunk_l).to(gl.float32)
-                if FAST_DIV:
-                    q_lo = _quantize(lo, scale[:, None])
-                    q_hi = _quantize(hi, scale[:, None])
-                else:
-                    q_lo = _quantize_ieee(lo, scale[:, None])
-                    q_hi = _quantize_ieee(hi, scale[:, None])
-                gl.store(out + ch * CW, q_lo.to(gl.float8e4nv))
-                gl.store(out + HALF + ch * CW, q_hi.to(gl.float8e4nv))
-            mbarrier.arrive(free.index(c), count=1)
-            gl.store(cs_ptr + pid_n * P + offs_m, scale)
-
-
-@gluon.jit
 def _grouped_ws_kernel(
-    a_desc, as_ptr, b_desc, bs_ptr, sid_ptr, bexp_ptr, used_ptr, c_desc, cs_ptr, c_ptr, ldc,
+    a_desc, as_ptr, b_desc, bs_ptr, sid_ptr, bexp_ptr, used_ptr, c_desc, cs_ptr,
     P, N, K, num_valid, stride_bse, stride_bsn,
     SWIGLU: gl.constexpr, ACT: gl.constexpr, FAST_DIV: gl.constexpr, ALIGN_M: gl.constexpr,
     GROUP_M: gl.constexpr, STAGES: gl.constexpr, BLOCK_M: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-    num_warps: gl.constexpr, EPI_WG: gl.constexpr = False,
+    num_warps: gl.constexpr,
 ):
     """As _grouped_sorted_gluon_kernel (same operands, but A's descriptor box is 64 rows), BLOCK_M = 128 or
     192: warpgroup 0 (this kernel's 4 warps) and one or two worker warpgroups take 64 rows each, a 1-warp
@@ -620,76 +537,41 @@ def _grouped_ws_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=NC)  # one arrive per consumer warpgroup
-    if EPI_WG:
-        # gate/up with an epilogue warpgroup: per consumer both halves of a group's SwiGLU output in
-        # 16-column chunks and the group's row maxima, handed over through full / free
-        CW: gl.constexpr = HALF // 4
-        chunk_smem: gl.constexpr = gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0])
-        h_lo = gl.allocate_shared_memory(ACT, [NC * 4, 64, CW], chunk_smem)  # [consumer, chunk]
-        h_hi = gl.allocate_shared_memory(ACT, [NC * 4, 64, CW], chunk_smem)
-        amax_smem = gl.allocate_shared_memory(gl.float32, [NC, 64], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-        full = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-        free = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NC):
-            mbarrier.init(full.index(i), count=1)
-            mbarrier.init(free.index(i), count=1)
-        # the epilogue warpgroup is the default partition: it gets the registers the others leave
-        gl.warp_specialize([(_ws_quant_epilogue, (h_lo, h_hi, amax_smem, full, free, c_ptr, ldc, cs_ptr, used_ptr, P,
-                                                  N, K, FAST_DIV, ALIGN_M, GROUP_M, BLOCK_M, BLOCK_N, BLOCK_K)),
-                            (_ws_consumer, (0, a_smem, b_smem, ready, empty, None, None, as_ptr, bs_ptr, sid_ptr,
+    h_smem = gl.allocate_shared_memory(ACT, [NC, 64, HALF],
+                                       gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
+    if SWIGLU:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [2 * NC, 64, HALF], c_desc.layout)  # [warpgroup, half]
+    else:
+        c_smem = gl.allocate_shared_memory(c_desc.dtype, [NC, 64, BLOCK_N], c_desc.layout)
+    # each partition's arguments spelled out: Gluon 3.6 keeps no JIT function or dtype in a tuple variable
+    if NC == 2:
+        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
                                          bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
                                          stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                         BLOCK_N, BLOCK_K, h_lo, h_hi, amax_smem, full, free, True)),
-                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, None, None, as_ptr, bs_ptr, sid_ptr,
+                                         BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
                                          bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
                                          stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                         BLOCK_N, BLOCK_K, h_lo, h_hi, amax_smem, full, free, True)),
-                            (_ws_consumer, (2, a_smem, b_smem, ready, empty, None, None, as_ptr, bs_ptr, sid_ptr,
-                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
-                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                         BLOCK_N, BLOCK_K, h_lo, h_hi, amax_smem, full, free, True)),
+                                         BLOCK_N, BLOCK_K)),
                             (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
                                          ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))],
-                           [4, 4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, CONSUMER_REGS, 24])
-        for i in gl.static_range(NC):
-            mbarrier.invalidate(full.index(i))
-            mbarrier.invalidate(free.index(i))
+                           [4, 1], [CONSUMER_REGS, 24])
     else:
-        h_smem = gl.allocate_shared_memory(ACT, [NC, 64, HALF],
-                                           gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
-        if SWIGLU:
-            c_smem = gl.allocate_shared_memory(c_desc.dtype, [2 * NC, 64, HALF], c_desc.layout)  # [warpgroup, half]
-        else:
-            c_smem = gl.allocate_shared_memory(c_desc.dtype, [NC, 64, BLOCK_N], c_desc.layout)
-        # each partition's arguments spelled out: Gluon 3.6 keeps no JIT function or dtype in a tuple variable
-        if NC == 2:
-            gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
-                                             bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
-                                             stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                             BLOCK_N, BLOCK_K)),
-                                (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
-                                             bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
-                                             stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                             BLOCK_N, BLOCK_K)),
-                                (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
-                                             ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))],
-                               [4, 1], [CONSUMER_REGS, 24])
-        else:
-            gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
-                                             bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
-                                             stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                             BLOCK_N, BLOCK_K)),
-                                (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
-                                             bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
-                                             stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                             BLOCK_N, BLOCK_K)),
-                                (_ws_consumer, (2, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
-                                             bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
-                                             stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
-                                             BLOCK_N, BLOCK_K)),
-                                (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
-                                             ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))],
-                               [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
+        gl.warp_specialize([(_ws_consumer, (0, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (1, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
+                            (_ws_consumer, (2, a_smem, b_smem, ready, empty, h_smem, c_smem, as_ptr, bs_ptr, sid_ptr,
+                                         bexp_ptr, used_ptr, c_desc, cs_ptr, P, N, K, num_valid, stride_bse,
+                                         stride_bsn, SWIGLU, ACT, FAST_DIV, ALIGN_M, GROUP_M, STAGES, BLOCK_M,
+                                         BLOCK_N, BLOCK_K)),
+                            (_ws_producer, (a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_ptr, N, K,
+                                         ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M))],
+                           [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(i))
         mbarrier.invalidate(empty.index(i))
