@@ -58,11 +58,8 @@ def main(argv=None) -> int:
     first = next(iter(sides))
     D, I, E, TOPK = bk.D, bk.INTER_E, bk.E, bk.TOPK
     g = torch.Generator(device="cuda").manual_seed(0)
-    gb, gq, gs = bk.block_fp8_experts(g, I, D)
-    ub, uq, us_ = bk.block_fp8_experts(g, I, D)
-    db, dq, ds = bk.block_fp8_experts(g, D, I)
-    packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1)
-    w13t, w2t = bk.bf16_expert_views(gb, ub, db)
+    bf16_weights, packed = bk.preset_experts(g)
+    w13t, w2t = bk.bf16_expert_views(*bf16_weights)
     out = []
     print(f"{'tokens':>6} {'GEMM':<8} {'side':<24} {'us':>8} {'vs ' + first:>12} {'x bf16':>7}")
     for m in [int(v) for v in args.m.split(",")]:

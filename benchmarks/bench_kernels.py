@@ -299,6 +299,15 @@ def block_fp8_experts(g, rows, cols):
     return w.to(torch.bfloat16), torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
+def preset_experts(g, interleave=1):
+    """The preset's gate, up and down expert weights from generator g (in that order): their bf16
+    copies and the block-FP8 experts packed with ``interleave`` (1: the Gluon kernels' layout)."""
+    gb, gq, gs = block_fp8_experts(g, INTER_E, D)
+    ub, uq, us_ = block_fp8_experts(g, INTER_E, D)
+    db, dq, ds = block_fp8_experts(g, D, INTER_E)
+    return (gb, ub, db), gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=interleave)
+
+
 def sorted_operands(x, ids, kernels=(gg.GLUON_KERNEL, gg.GLUON_KERNEL)):
     """The two expert GEMMs' default configs for these tokens (kernels: gate/up's, down's), the rows'
     alignment (the lcm of their BLOCK_Ms, as fused_experts aligns them), moe_align's (sorted ids, block

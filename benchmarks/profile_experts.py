@@ -33,10 +33,7 @@ def main(argv=None) -> int:
     if layout == "gather":
         sys.exit("profile_experts profiles the sorted layouts (d and I multiples of 16)")
     g = torch.Generator(device="cuda").manual_seed(0)
-    _, gq, gs = bk.block_fp8_experts(g, I, D)
-    _, uq, us_ = bk.block_fp8_experts(g, I, D)
-    _, dq, ds = bk.block_fp8_experts(g, D, I)
-    packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=gg.INTERLEAVE[layout])
+    _, packed = bk.preset_experts(g, interleave=gg.INTERLEAVE[layout])
     rows = args.m * TOPK
     x = torch.randn(args.m, D, device="cuda", dtype=torch.bfloat16)
     ids = torch.rand(args.m, E, device="cuda", generator=g).topk(TOPK, dim=1).indices

@@ -205,10 +205,7 @@ def main(argv=None) -> int:
     tm = load_traced()
     D, I, E, TOPK = bk.D, bk.INTER_E, bk.E, bk.TOPK
     g = torch.Generator(device="cuda").manual_seed(0)
-    gb, gq, gs = bk.block_fp8_experts(g, I, D)
-    ub, uq, us_ = bk.block_fp8_experts(g, I, D)
-    db, dq, ds = bk.block_fp8_experts(g, D, I)
-    packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=1)
+    _, packed = bk.preset_experts(g)
     m = args.m
     rows = m * TOPK
     x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
