@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 
 from fp8conv.kernels import grouped_gemm as gg  # noqa: E402
+from fp8conv.kernels.config import GLUON_WS3_MIN_ROWS  # noqa: E402
 
 KERNEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels",
                       "grouped_gemm_gluon.py")
@@ -211,6 +212,9 @@ def main(argv=None) -> int:
     x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
     ids = torch.rand(m, E, device="cuda", generator=g).topk(TOPK, dim=1).indices
     c1, c2, align, (sid, bexp, pos, used), xq, xs = bk.sorted_operands(x, ids)
+    if c1.BLOCK_M != 192 or c2.BLOCK_M != 192:
+        sys.exit(f"trace_gluon traces the three-consumer form (BLOCK_M 192, from {GLUON_WS3_MIN_ROWS} rows per "
+                 f"expert); {m} tokens get BLOCK_M {c1.BLOCK_M} / {c2.BLOCK_M}: use more tokens (--m 16384)")
     gg._GLUON = tm
     gg._OCCUPANCY.clear()
     out = {}
