@@ -101,6 +101,29 @@ def _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_
 
 
 @gluon.jit
+def _next_load(ld, cursor, k_tiles, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, a_desc, b_desc, a_smem,
+               b_smem, ready, ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr,
+               STAGES: gl.constexpr, BLOCK_M: gl.constexpr):
+    """The single-warpgroup kernel's loads of step ``cursor``, the next step its loader state ld = (K block,
+    item, first A row, first B row, the next item's first A and B rows) describes; returns the state
+    advanced by one step. An item's rows (its expert id, a global load) are found once, an item ahead:
+    found at every step, that load's latency and the coordinate arithmetic came between the steps."""
+    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
+    kb, item, off_m, row0, next_m, next_row0 = ld
+    _load_step(cursor % STAGES, off_m, row0, kb * BLOCK_K, a_desc, b_desc, a_smem, b_smem, ready, BLOCK_M)
+    kb += 1
+    if kb == k_tiles:
+        kb = 0
+        item += 1
+        off_m = next_m
+        row0 = next_row0
+        next_m, next_row0 = _item_rows(item + 1, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, ITEMS,
+                                       ALIGN_M, GROUP_M, BLOCK_M, BLOCK_N)
+    return kb, item, off_m, row0, next_m, next_row0
+
+
+@gluon.jit
 def _weight_scale_ptrs(bs_ptr, bexp_ptr, pid_m, pid_n, stride_bse, stride_bsn, BLOCK_M: gl.constexpr,
                        BLOCK_N: gl.constexpr, SWIGLU: gl.constexpr, ALIGN_M: gl.constexpr):
     """The K rows of this tile's weight block scales: (gate, up) for SWIGLU (block pair pid_n), else
@@ -290,6 +313,14 @@ def _grouped_sorted_gluon_kernel(
             _issue_load(i, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
                         ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
 
+    # the loader's state for step STAGES on (_next_load)
+    ld_item = STAGES // k_tiles
+    first_m, first_row0 = _item_rows(ld_item, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, ITEMS,
+                                     ALIGN_M, GROUP_M, BLOCK_M, BLOCK_N)
+    next_m, next_row0 = _item_rows(ld_item + 1, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, ITEMS,
+                                   ALIGN_M, GROUP_M, BLOCK_M, BLOCK_N)
+    ld = (STAGES % k_tiles, ld_item, first_m, first_row0, next_m, next_row0)
+
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
     cols = gl.arange(0, BLOCK_N, layout=col_l)
     is_up = (cols % 2) == 1
@@ -324,8 +355,9 @@ def _grouped_sorted_gluon_kernel(
             say, sgy, suy = _kb_scales(kb, as_ptr, P, offs_m, bs_g, bs_u)
             y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))  # X retires, Y stays in flight
             if step - 1 + STAGES < total:  # X's buffer takes the step STAGES ahead
-                _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
-                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
+                ld = _next_load(ld, step - 1 + STAGES, k_tiles, pid, progs, num_pid_m, num_pid_n, my_items, N,
+                                bexp_ptr, a_desc, b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES,
+                                BLOCK_M)
             acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
             step += 1
             s = step % STAGES
@@ -334,8 +366,9 @@ def _grouped_sorted_gluon_kernel(
             sax, sgx, sux = _kb_scales(kb + 1, as_ptr, P, offs_m, bs_g, bs_u)
             x, y = warpgroup_mma_wait(num_outstanding=1, deps=(x, y))
             if step - 1 + STAGES < total:
-                _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
-                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
+                ld = _next_load(ld, step - 1 + STAGES, k_tiles, pid, progs, num_pid_m, num_pid_n, my_items, N,
+                                bexp_ptr, a_desc, b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES,
+                                BLOCK_M)
             acc = _promote(acc, y, say, sgy, suy, is_up, SWIGLU)
         if k_tiles % 2 == 0:  # one block left: into Y, then both retire
             step += 1
@@ -345,8 +378,9 @@ def _grouped_sorted_gluon_kernel(
             say, sgy, suy = _kb_scales(k_tiles - 1, as_ptr, P, offs_m, bs_g, bs_u)
             y, x = warpgroup_mma_wait(num_outstanding=1, deps=(y, x))
             if step - 1 + STAGES < total:
-                _issue_load(step - 1 + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc,
-                            b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
+                ld = _next_load(ld, step - 1 + STAGES, k_tiles, pid, progs, num_pid_m, num_pid_n, my_items, N,
+                                bexp_ptr, a_desc, b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES,
+                                BLOCK_M)
             acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
             y = warpgroup_mma_wait(num_outstanding=0, deps=(y,))
             acc = _promote(acc, y, say, sgy, suy, is_up, SWIGLU)
@@ -354,8 +388,8 @@ def _grouped_sorted_gluon_kernel(
             x = warpgroup_mma_wait(num_outstanding=0, deps=(x,))
             acc = _promote(acc, x, sax, sgx, sux, is_up, SWIGLU)
         if step + STAGES < total:
-            _issue_load(step + STAGES, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc,
-                        a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
+            ld = _next_load(ld, step + STAGES, k_tiles, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr,
+                            a_desc, b_desc, a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
         step += 1
 
         if SWIGLU:
