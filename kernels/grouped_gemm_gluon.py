@@ -185,10 +185,9 @@ def _quantize(y, scale):
     unary minus to a subtraction from +0.0 (ptxas cannot fold that into an operand: one more instruction
     per value and term). Here -r is computed once per row and q0n = y * -r = -q0, e2 = fma(q0n, s, y) = -e,
     qn = fma(e2, -r, q0n) = -q: the same values negated (round-to-nearest-even is symmetric), 2 instructions
-    a value fewer. q = qn with its sign bit flipped, then y's sign bit or-ed in, as quantize_values does (-0.0
-    stays -0.0; one LOP3). Not
-    clamped to +-448: the FP8 conversion that follows saturates (cvt.rn.satfinite), which rounds every
-    value as the clamp then the conversion would."""
+    a value fewer. q = qn with its sign bit flipped, then y's sign bit or-ed in, as quantize_values does
+    (-0.0 stays -0.0; one LOP3). Not clamped to +-448: the FP8 conversion that follows saturates
+    (cvt.rn.satfinite), which rounds every value as the clamp then the conversion would."""
     sx = gl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
     s2 = scale * sx
     nr = gl.div_rn(gl.full_like(s2, -1.0), s2)
@@ -448,8 +447,9 @@ def _ws_producer(a_desc, b_desc, a_smem, b_smem, ready, empty, bexp_ptr, used_pt
     """The loads of every step into the ring; a buffer is refilled once every consumer released it.
 
     An item's rows (its expert id, a global load) are found once per item, the next item's while this
-    one's loads are issued: found per step, the load's latency (600-2000 clocks, H100 clock trace) came
-    between every two steps, and the consumers, whose step takes ~1200 clocks, waited for data."""
+    one's loads are issued: found per step, that load's latency and the coordinate arithmetic made a
+    loader step 600-2000 clocks (benchmarks/trace_gluon.py on an H100), and the consumers, whose step
+    takes ~1200, waited for data."""
     BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
     num_pid_m, num_pid_n, k_tiles, pid, progs, my_items, total = _schedule(
