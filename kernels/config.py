@@ -188,4 +188,14 @@ def resolve_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         cfg, src = got, "tuned"
     if isinstance(cfg, dict):
         cfg = KernelConfig.from_dict(cfg)
+    if kernel == "fp8_grouped_gemm_gluon":  # a cached config the kernel cannot run is not trusted either
+        from fp8conv.kernels.grouped_gemm import gluon_config_ok
+
+        gu = (n > k) if gate_up is None else gate_up
+        if not gluon_config_ok(cfg, gu):
+            import warnings
+
+            warnings.warn(f"tuning cache: {kernel} (m={m}, n={n}, k={k}) holds {cfg}, which is not a form of the "
+                          f"Gluon kernel (grouped_gemm.gluon_config_ok); using the default")
+            return default_config(kernel, m, n, k, gate_up), "default"
     return cfg, src

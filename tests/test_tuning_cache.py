@@ -208,6 +208,19 @@ def test_get_config_warns_once_per_fallback_and_feeds_resolve_config(tmp_path, m
     assert lookup.get_choice("fp8_gemm", 1408, 1408, 16).level == "nearest"
 
 
+def test_resolve_config_distrusts_a_gluon_entry_the_kernel_cannot_run(monkeypatch):
+    """A structurally valid cache entry whose config is no form of the Gluon grouped GEMM (here 96 rows,
+    no warpgroup multiple) is reported and replaced by the default, not launched."""
+    bad = KernelConfig(BLOCK_M=96, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=6, num_stages=3)
+    monkeypatch.setattr(lookup, "get_config", lambda kernel, n, k, m: bad)
+    with pytest.warns(UserWarning, match="not a form of the Gluon kernel"):
+        cfg, src = resolve_config("fp8_grouped_gemm_gluon", 927, 2816, 1408, gate_up=True)
+    assert (cfg, src) == (default_config("fp8_grouped_gemm_gluon", 927, 2816, 1408, gate_up=True), "default")
+    good = default_config("fp8_grouped_gemm_gluon", 927, 1408, 1408, gate_up=False)
+    monkeypatch.setattr(lookup, "get_config", lambda kernel, n, k, m: good)
+    assert resolve_config("fp8_grouped_gemm_gluon", 927, 1408, 1408, gate_up=False) == (good, "tuned")
+
+
 def _shipped_choices(device):
     """(shape label, look-up choice) for every kernel shape the 4b preset and the bundled example launch at
     batch 32 / beam 512 (GEMMs, grouped GEMMs and top-k), from the shipped folder, for ``device`` and the
