@@ -93,6 +93,12 @@ GLUON_WS_MIN_ROWS = 128
 GLUON_WS3_MIN_ROWS = 512
 
 
+def _is_gate_up(n: int, k: int, gate_up: bool | None) -> bool:
+    """Whether a grouped GEMM with an [N, K] weight is the fused gate/up one: as the caller says, else
+    guessed as n > k (true of the packed [E, 2*I, d] weight whenever 2*I > d)."""
+    return (n > k) if gate_up is None else gate_up
+
+
 def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
     """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon",
     "act_quant", "topk") at
@@ -120,7 +126,7 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         # worth of registers. Two kernels (kernels/grouped_gemm.py): the persistent sorted-layout one
         # where rows are 16-byte aligned (d % 16 == 0 and I % 16 == 0: fused_experts' serving path), the
         # gather-layout one elsewhere. H100 sweep at 49152 rows (docs/benchmarks.md, fifth run):
-        gu = (n > k) if gate_up is None else gate_up
+        gu = _is_gate_up(n, k, gate_up)
         # (gate/up sees only the padded width n // 2, always aligned: its own d decides)
         sorted_layout = sorted_rows_aligned(k, n // 2) if gu else sorted_rows_aligned(n, k)
         if gu and sorted_layout:
@@ -138,7 +144,7 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         # down: 64x128, 4 warps, 3 stages (gather layout with TMA: 1.16x _grouped_mm bf16 at 49152 rows)
         return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3)
     if kernel == "fp8_grouped_gemm_gluon":
-        gu = (n > k) if gate_up is None else gate_up
+        gu = _is_gate_up(n, k, gate_up)
         if m >= GLUON_WS3_MIN_ROWS:
             return KernelConfig(BLOCK_M=192, BLOCK_N=256 if gu else 128, BLOCK_K=128, GROUP_M=8, num_warps=12,
                                 num_stages=4)
@@ -191,7 +197,7 @@ def resolve_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
     if kernel == "fp8_grouped_gemm_gluon":  # a cached config the kernel cannot run is not trusted either
         from fp8conv.kernels.grouped_gemm import gluon_config_ok
 
-        gu = (n > k) if gate_up is None else gate_up
+        gu = _is_gate_up(n, k, gate_up)
         if not gluon_config_ok(cfg, gu):
             import warnings
 
