@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     D, I, E, TOPK = bk.D, bk.INTER_E, bk.E, bk.TOPK
     g = torch.Generator(device="cuda").manual_seed(0)
     bf16_weights, packed = bk.preset_experts(g)
+    # older kernel files expect w13's gate and up rows plainly alternating (no W13_ORDER): their own copy
+    plain_w13 = packed.w13[:, torch.argsort(gg.gluon_w13_order(packed.w13.shape[1])).to(packed.w13.device)]
+    w13_of = {side: packed.w13 if getattr(mod, "W13_ORDER", 0) == 1 else plain_w13 for side, mod in sides.items()}
     w13t, w2t = bk.bf16_expert_views(*bf16_weights)
     out = []
     print(f"{'tokens':>6} {'GEMM':<8} {'side':<24} {'us':>8} {'vs ' + first:>12} {'x bf16':>7}")
@@ -70,14 +73,17 @@ def main(argv=None) -> int:
         fl = pos.reshape(-1).long()
 
         def gate_up():
-            return gg.grouped_gemm_sorted(xq, xs, packed.w13, packed.s13, sid, bexp, used, swiglu=True,
+            return gg.grouped_gemm_sorted(xq, xs, w13_of[current[0]], packed.s13, sid, bexp, used, swiglu=True,
                                           num_valid=rows, align_m=align, config=c1, impl="gluon")
 
         def down(hq, hs):
             return gg.grouped_gemm_sorted(hq, hs, packed.w2, packed.s2, sid, bexp, used, swiglu=False,
                                           num_valid=rows, align_m=align, config=c2, impl="gluon")
 
+        current = ["new"]
+
         def use(side):
+            current[0] = side
             gg._GLUON = sides[side]
             gg._OCCUPANCY.clear()  # each side's registers and shared memory size its own grid
 

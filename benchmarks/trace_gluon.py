@@ -1,6 +1,6 @@
 """Per-warpgroup clock trace of the three-consumer Gluon grouped GEMM (a diagnostic, not a benchmark).
 
-    python benchmarks/trace_gluon.py [--m 16384] [--pid 5] [--json OUT]
+    python benchmarks/trace_gluon.py [--m 16384] [--pid 5] [--kernel PATH] [--json OUT]
 
 Instruments a copy of kernels/grouped_gemm_gluon.py (text patches below: they fail loudly when the
 kernel changes under them) with reads of the SM clock (%clock) stored by lane 0 of each warpgroup of
@@ -81,13 +81,13 @@ def _ws_step('''),
         gl.store(tpe, _clock(offs_m + acc.to(gl.int32).sum(axis=1) * 0), mask=tmask)
         if SWIGLU:
             amax_lo = _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_smem.index(WG), c_smem.index(2 * WG),'''),
-    ('''                                BLOCK_N)
+    ('''
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _grouped_ws_kernel(''',
-     '''                                BLOCK_N)
+     '''
         gl.store(tpe + 5, _clock(offs_m + amax_lo.to(gl.int32) * 0), mask=tmask)
     tma.store_wait(pendings=0)
 
@@ -183,8 +183,8 @@ def _mean(v):
     return statistics.mean(v) if v else float("nan")
 
 
-def load_traced():
-    src = instrument(open(KERNEL).read())
+def load_traced(kernel=KERNEL):
+    src = instrument(open(kernel).read())
     d = tempfile.mkdtemp(prefix="trace_gluon_")
     path = os.path.join(d, "grouped_gemm_gluon_traced.py")
     with open(path, "w") as f:
@@ -199,11 +199,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, default=16384)
     ap.add_argument("--pid", default="5", help="comma list of program ids to trace")
+    ap.add_argument("--kernel", default=KERNEL, help="the kernel file to instrument (a variant's copy)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not gg.gluon_ok("cuda"):
         sys.exit("trace_gluon needs a Hopper GPU and Triton with Gluon (grouped_gemm.gluon_ok)")
-    tm = load_traced()
+    tm = load_traced(args.kernel)
     D, I, E, TOPK = bk.D, bk.INTER_E, bk.E, bk.TOPK
     g = torch.Generator(device="cuda").manual_seed(0)
     _, packed = bk.preset_experts(g)
@@ -253,6 +254,11 @@ def main(argv=None) -> int:
                 else:
                     stages = [e[1] - e[0], e[5] - e[1]]
                 print(f"    item {it}: {stages} total {e[5] - e[0]}")
+            print("  per consumer and item: start (clocks after c0's) / K loop / wait before the epilogue / epilogue")
+            for c in range(3):
+                cells = [f"{kt[c, it, 0, 0] - kt[0, it, 0, 0]:6d}/{kt[c, it, K - 1, 4] - kt[c, it, 0, 0]:6d}/"
+                         f"{ep[c, it, 0] - kt[c, it, K - 1, 4]:5d}/{ep[c, it, 5] - ep[c, it, 0]:5d}" for it in range(1, 7)]
+                print(f"    c{c}: " + "  ".join(cells))
             steps = [(it, kb) for it in range(8) for kb in range(K)]  # the loader's step order
             print("  producer per step: empty wait / issue; lead = consumer c0 data-ready time - producer issue time")
             for j in range(22, 44, 2):

@@ -69,7 +69,9 @@ class PackedExperts:
     # rows per gate/up run in w13: 128 (the gather-layout kernel's 256-row tiles: gate block, up block)
     # or 64 (the sorted-layout kernel: each 128-row load is 64 gate + 64 up rows of one block pair, so
     # one 128x128 dot computes both halves of 64 SwiGLU columns) or 1 (the Gluon sorted kernel: gate
-    # and up rows alternate, so each thread of the wgmma holds a gate column next to its up column)
+    # and up rows alternate, so each thread of the wgmma holds a gate column next to its up column;
+    # within each 128-row tile they are reordered by gluon_w13_order, so that the 16 SwiGLU columns a
+    # thread holds per row are contiguous)
     interleave: int = 128
 
     @property
@@ -84,6 +86,19 @@ def _interleave_blocks(g: torch.Tensor, u: torch.Tensor, rows_per_block: int) ->
     g = g.reshape(e, nb, rows_per_block, *rest)
     u = u.reshape(e, nb, rows_per_block, *rest)
     return torch.stack([g, u], dim=2).reshape(e, 2 * r, *rest)
+
+
+def gluon_w13_order(rows: int) -> torch.Tensor:
+    """The Gluon kernel's order of w13 rows (interleave 1): row 8j + 2t + s of each 128-row tile is gate
+    (s = 0) or up (s = 1) row 16t + j of the tile's 64 (j < 16, t < 4). In the wgmma accumulator thread t
+    of a quad holds columns 2t, 2t + 1 of every 8, so after SwiGLU it holds columns 16t..16t+15 of each of
+    its rows: whole 16-byte FP8 (32-byte bf16) runs, stored to shared memory four (two) per instruction,
+    where alternating rows alone left it every 4th column, stored a byte (a half) at a time. Returns the
+    plain alternating order's row index (gate row c at 2c, up at 2c + 1) of each packed row."""
+    if rows % 128:
+        raise ValueError(f"w13 rows must be a multiple of 128, got {rows}")
+    idx = torch.arange(rows).view(rows // 128, 4, 16, 2)  # [tile, t, j, s] in the alternating order
+    return idx.permute(0, 2, 1, 3).reshape(rows)  # [tile, j, t, s]
 
 
 def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_scale: torch.Tensor,
@@ -115,7 +130,10 @@ def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_
     if pad:
         g8 = torch.nn.functional.pad(g8, (0, 0, 0, pad))
         u8 = torch.nn.functional.pad(u8, (0, 0, 0, pad))
-    w13 = _interleave_blocks(g8, u8, interleave).contiguous().view(torch.float8_e4m3fn)
+    w13 = _interleave_blocks(g8, u8, interleave)
+    if interleave == 1:
+        w13 = w13[:, gluon_w13_order(w13.shape[1]).to(w13.device)]
+    w13 = w13.contiguous().view(torch.float8_e4m3fn)
     s13 = _interleave_blocks(gate_scale.float(), up_scale.float(), 1).contiguous()  # by 128-row block pair
     return PackedExperts(w13, s13, down.contiguous(), down_scale.float().contiguous(), inter, interleave)
 

@@ -16,7 +16,9 @@ as the MMA that read it has retired, loads running ahead across tile boundaries)
 
 Gate/up (``swiglu=True``) needs w13 packed with ``interleave=1`` (pack_experts): gate and up rows
 alternate, so in the wgmma accumulator layout each thread holds gate column c and up column c of its
-rows side by side, and SwiGLU is computed in registers after splitting the even and odd columns. A
+rows side by side, and SwiGLU is computed in registers after splitting the even and odd columns; the
+pairs are ordered (grouped_gemm.gluon_w13_order) so that a thread's SwiGLU columns are contiguous and
+reach shared memory in 16-byte stores. A
 128-row weight tile (64 gate + 64 up rows) gives 64 SwiGLU columns; the 1x128 quantization group
 needs two such items, so the first item's SwiGLU output waits in shared memory (rounded to the
 activation dtype, as the reference rounds it) with its row maxima in registers.
@@ -38,6 +40,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# the gate/up kernel's w13 row order: 1 = grouped_gemm.gluon_w13_order (a side file of benchmarks/bench_gluon_ab.py
+# without this name expects gate and up rows plainly alternating)
+W13_ORDER = 1
 _GL_ACT = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
 _GL_OUT = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32,
            torch.float8_e4m3fn: gl.float8e4nv}
@@ -231,7 +236,10 @@ def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_des
     c_hi) and the scales (K-major). Else the tile in the output dtype through c_lo."""
     HALF: gl.constexpr = BLOCK_N // 2
     if SWIGLU:
-        g, u = gl.split(gl.reshape(acc, [acc.shape[0], HALF, 2]))
+        # column 8j + 2t + s of the tile (thread t of a quad holds the pairs 2t, 2t + 1 of every 8) is gate
+        # (s = 0) or up (s = 1) of SwiGLU column 16t + j (pack_experts' order for interleave 1)
+        x = gl.permute(gl.reshape(acc, [acc.shape[0], BLOCK_N // 8, 4, 2]), [0, 2, 1, 3])
+        g, u = gl.split(gl.reshape(x, [acc.shape[0], HALF, 2]))
         g = _round(g, ACT)
         u = _round(u, ACT)
         h = _round(g * _sigmoid(g) * u, ACT)
@@ -300,7 +308,7 @@ def _grouped_sorted_gluon_kernel(
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     h_smem = gl.allocate_shared_memory(ACT, [BLOCK_M, HALF],
-                                       gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
+                                       gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
     if SWIGLU:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2, BLOCK_M, HALF], c_desc.layout)
     else:
@@ -572,7 +580,7 @@ def _grouped_ws_kernel(
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=NC)  # one arrive per consumer warpgroup
     h_smem = gl.allocate_shared_memory(ACT, [NC, 64, HALF],
-                                       gl.SwizzledSharedLayout(vec=4, per_phase=1, max_phase=8, order=[1, 0]))
+                                       gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
     if SWIGLU:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [2 * NC, 64, HALF], c_desc.layout)  # [warpgroup, half]
     else:

@@ -59,6 +59,29 @@ def test_pack_interleaves_blocks_and_pads():
     assert torch.equal(p.s13[1, 3].cpu(), ex.up_scale[1, 1].cpu())
 
 
+def test_pack_interleave_1_orders_rows_for_the_gluon_quads():
+    """interleave 1: row 8j + 2t + s of each 128-row tile is gate (s 0) or up (s 1) row 16t + j of the tile's
+    64, so thread t of a wgmma quad (columns 2t, 2t + 1 of every 8) holds SwiGLU columns 16t..16t+15."""
+    ex = _experts(2, 150, 64, seed=3)
+    p = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=1)
+    assert p.w13.shape == (2, 512, 64) and p.interleave == 1
+    w = p.w13.cpu().float()
+    g = torch.nn.functional.pad(ex.gate.cpu().float(), (0, 0, 0, 106))  # padded to 256 rows
+    u = torch.nn.functional.pad(ex.up.cpu().float(), (0, 0, 0, 106))
+    for tile in range(4):
+        for j in range(16):
+            for t in range(4):
+                row = 64 * tile + 16 * t + j
+                assert torch.equal(w[1, 128 * tile + 8 * j + 2 * t], g[1, row]), (tile, j, t)
+                assert torch.equal(w[1, 128 * tile + 8 * j + 2 * t + 1], u[1, row]), (tile, j, t)
+    assert torch.equal(p.s13.cpu(), gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale,
+                                                      ex.down_scale, interleave=64).s13.cpu())
+    order = gg.gluon_w13_order(256)
+    assert sorted(order.tolist()) == list(range(256))  # a permutation
+    with pytest.raises(ValueError, match="multiple of 128"):
+        gg.gluon_w13_order(192)
+
+
 def test_pack_rejects_wrong_scales():
     ex = _experts(2, 128, 128, seed=0)
     with pytest.raises(ValueError, match="gate_scale"):
@@ -345,7 +368,8 @@ def test_fused_experts_layouts_agree():
     with pytest.raises(ValueError, match="layout"):
         gg.fused_experts(x, ids, w, p, layout="nope", **cfg)
     p1 = gg.pack_experts(ex.gate, ex.up, ex.down, ex.gate_scale, ex.up_scale, ex.down_scale, interleave=1)
-    w1 = p1.w13.cpu().float()  # interleave 1 (the Gluon kernels): gate row r at 2r, up row r at 2r + 1
+    # interleave 1 (the Gluon kernels): gate row r at 2r, up row r at 2r + 1, then gluon_w13_order
+    w1 = p1.w13.cpu().float()[:, torch.argsort(gg.gluon_w13_order(p1.w13.shape[1]))]
     assert torch.equal(w1[1, 0::2][:i], ex.gate[1].cpu().float())
     assert torch.equal(w1[1, 1::2][:i], ex.up[1].cpu().float())
     assert torch.equal(p1.s13, p.s13)  # the same 128-row block pairs: the same scales
