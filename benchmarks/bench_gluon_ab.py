@@ -11,7 +11,9 @@ serves them on Hopper (both GEMMs in Gluon at the default configs, rows aligned 
 BLOCK_Ms as fused_experts aligns them). Each side's outputs are checked against the first side's (mean
 relative error < 1e-3 after dequantization) before anything is timed; then every round times each side
 and the bf16 baseline once, and the table gives each one's median over the rounds and its ratio to the
-first side. Run-to-run drift of the GPU (clocks, temperature) falls on every side alike.
+first side. The order of the sides (bf16 included) rotates from round to round, so that the GPU's drift
+within a round (an H100 at its 700 W cap moves its SM clock between ~1200 and 1980 MHz) falls on every
+side alike; MHz and W are the median SM clock and board power (NVML) while each side was timed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 from bench_timing import time_us  # noqa: E402
+from gpu_clocks import ClockSampler  # noqa: E402
 
 from fp8conv import numerics as fp8  # noqa: E402
 from fp8conv.kernels import grouped_gemm as gg  # noqa: E402
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     w13_of = {side: packed.w13 if getattr(mod, "W13_ORDER", 0) == 1 else plain_w13 for side, mod in sides.items()}
     w13t, w2t = bk.bf16_expert_views(*bf16_weights)
     out = []
-    print(f"{'tokens':>6} {'GEMM':<8} {'side':<24} {'us':>8} {'vs ' + first:>12} {'x bf16':>7}")
+    print(f"{'tokens':>6} {'GEMM':<8} {'side':<24} {'us':>8} {'vs ' + first:>12} {'x bf16':>7} {'MHz':>6} {'W':>6}")
     for m in [int(v) for v in args.m.split(",")]:
         rows = m * TOPK
         x = torch.randn(m, D, device="cuda", dtype=torch.bfloat16)
@@ -103,12 +106,15 @@ def main(argv=None) -> int:
                 "down": lambda: torch._grouped_mm(h_b, w2t, offs=offs)}
         names = list(sides) + ["bf16"]
         times = {(gemm, side): [] for gemm in runs for side in names}
-        for _ in range(args.rounds):
-            for gemm in runs:
-                for side in sides:
-                    use(side)
-                    times[gemm, side].append(time_us(runs[gemm], [()]))
-                times[gemm, "bf16"].append(time_us(base[gemm], [()]))
+        with ClockSampler() as clocks:
+            for r in range(args.rounds):
+                order = names[r % len(names):] + names[:r % len(names)]  # each side in every position in turn
+                for gemm in runs:
+                    for side in order:
+                        if side != "bf16":
+                            use(side)
+                        with clocks.phase(f"{m} {gemm} {side}"):
+                            times[gemm, side].append(time_us(runs[gemm] if side != "bf16" else base[gemm], [()]))
         use("new")
         med = {k: statistics.median(v) for k, v in times.items()}
         for side in names:
@@ -116,8 +122,11 @@ def main(argv=None) -> int:
         for gemm in ("gate/up", "down", "both"):
             for side in names:
                 t, t0, tb = med[gemm, side], med[gemm, first], med[gemm, "bf16"]
-                print(f"{m:6d} {gemm:<8} {side:<24} {t:8.1f} {t / t0:12.3f} {tb / t:7.2f}", flush=True)
+                ck = clocks.summary(f"{m} {gemm} {side}") if gemm != "both" else None
+                cks = f"{ck['mhz']:6.0f} {ck['w']:6.1f}" if ck else ""
+                print(f"{m:6d} {gemm:<8} {side:<24} {t:8.1f} {t / t0:12.3f} {tb / t:7.2f} {cks}", flush=True)
                 out.append({"tokens": m, "gemm": gemm, "side": side, "us": round(t, 2), "x_bf16": round(tb / t, 3),
+                            "sm_mhz_w": ck,
                             "err_vs_first": errs.get((gemm, side)),
                             "rounds": times.get((gemm, side)), "align_m": align,
                             "config": {"gate/up": c1, "down": c2}[gemm].to_dict() if gemm != "both" else None})
