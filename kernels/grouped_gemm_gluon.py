@@ -92,20 +92,6 @@ def _item_rows(item, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, IT
 
 
 @gluon.jit
-def _issue_load(step, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
-                ready, ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr, STAGES: gl.constexpr,
-                BLOCK_M: gl.constexpr):
-    """The loads of this program's step-th K step into ring buffer step % STAGES (the single-warpgroup
-    kernel, which issues each step's loads STAGES steps ahead of its MMA)."""
-    BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
-    BLOCK_N: gl.constexpr = b_desc.block_type.shape[0]
-    item = step // k_tiles
-    off_m, row0 = _item_rows(item, pid, progs, num_pid_m, num_pid_n, item + 1, N, bexp_ptr, ITEMS, ALIGN_M,
-                             GROUP_M, BLOCK_M, BLOCK_N)
-    _load_step(step % STAGES, off_m, row0, (step % k_tiles) * BLOCK_K, a_desc, b_desc, a_smem, b_smem, ready, BLOCK_M)
-
-
-@gluon.jit
 def _next_load(ld, cursor, k_tiles, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, a_desc, b_desc, a_smem,
                b_smem, ready, ITEMS: gl.constexpr, ALIGN_M: gl.constexpr, GROUP_M: gl.constexpr,
                STAGES: gl.constexpr, BLOCK_M: gl.constexpr):
@@ -314,19 +300,16 @@ def _grouped_sorted_gluon_kernel(
     else:
         c_smem = gl.allocate_shared_memory(c_desc.dtype, [BLOCK_M, BLOCK_N], c_desc.layout)
 
-    # every buffer starts filled: steps 0 .. STAGES-1
+    # the loader's state (_next_load) at step 0; every buffer starts filled: steps 0 .. STAGES-1
+    first_m, first_row0 = _item_rows(0, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, ITEMS, ALIGN_M,
+                                     GROUP_M, BLOCK_M, BLOCK_N)
+    next_m, next_row0 = _item_rows(1, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, ITEMS, ALIGN_M,
+                                   GROUP_M, BLOCK_M, BLOCK_N)
+    ld = (0, 0, first_m, first_row0, next_m, next_row0)
     for i in gl.static_range(STAGES):
         if i < total:
-            _issue_load(i, pid, progs, num_pid_m, num_pid_n, k_tiles, N, bexp_ptr, a_desc, b_desc, a_smem, b_smem,
-                        ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
-
-    # the loader's state for step STAGES on (_next_load)
-    ld_item = STAGES // k_tiles
-    first_m, first_row0 = _item_rows(ld_item, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, ITEMS,
-                                     ALIGN_M, GROUP_M, BLOCK_M, BLOCK_N)
-    next_m, next_row0 = _item_rows(ld_item + 1, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, ITEMS,
-                                   ALIGN_M, GROUP_M, BLOCK_M, BLOCK_N)
-    ld = (STAGES % k_tiles, ld_item, first_m, first_row0, next_m, next_row0)
+            ld = _next_load(ld, i, k_tiles, pid, progs, num_pid_m, num_pid_n, my_items, N, bexp_ptr, a_desc, b_desc,
+                            a_smem, b_smem, ready, ITEMS, ALIGN_M, GROUP_M, STAGES, BLOCK_M)
 
     zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, acc_l)
     cols = gl.arange(0, BLOCK_N, layout=col_l)
