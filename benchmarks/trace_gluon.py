@@ -257,7 +257,8 @@ def main(argv=None) -> int:
             print("  per consumer and item: start (clocks after c0's) / K loop / wait before the epilogue / epilogue")
             for c in range(3):
                 cells = [f"{kt[c, it, 0, 0] - kt[0, it, 0, 0]:6d}/{kt[c, it, K - 1, 4] - kt[c, it, 0, 0]:6d}/"
-                         f"{ep[c, it, 0] - kt[c, it, K - 1, 4]:5d}/{ep[c, it, 5] - ep[c, it, 0]:5d}" for it in range(1, 7)]
+                         f"{ep[c, it, 0] - kt[c, it, K - 1, 4]:5d}/{ep[c, it, 5] - ep[c, it, 0]:5d}"
+                         for it in range(1, 7)]
                 print(f"    c{c}: " + "  ".join(cells))
             steps = [(it, kb) for it in range(8) for kb in range(K)]  # the loader's step order
             print("  producer per step: empty wait / issue; lead = consumer c0 data-ready time - producer issue time")

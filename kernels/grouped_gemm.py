@@ -92,9 +92,9 @@ def gluon_w13_order(rows: int) -> torch.Tensor:
     """The Gluon kernel's order of w13 rows (interleave 1): row 8j + 2t + s of each 128-row tile is gate
     (s = 0) or up (s = 1) row 16t + j of the tile's 64 (j < 16, t < 4). In the wgmma accumulator thread t
     of a quad holds columns 2t, 2t + 1 of every 8, so after SwiGLU it holds columns 16t..16t+15 of each of
-    its rows: whole 16-byte FP8 (32-byte bf16) runs, stored to shared memory four (two) per instruction,
-    where alternating rows alone left it every 4th column, stored a byte (a half) at a time. Returns the
-    plain alternating order's row index (gate row c at 2c, up at 2c + 1) of each packed row."""
+    its rows: 16 contiguous values, one 16-byte shared-memory store per row in FP8 and two for the bf16
+    stash, where alternating rows alone left it every 4th column, stored a byte (a half) at a time.
+    Returns the plain alternating order's row index (gate row c at 2c, up at 2c + 1) of each packed row."""
     if rows % 128:
         raise ValueError(f"w13 rows must be a multiple of 128, got {rows}")
     idx = torch.arange(rows).view(rows // 128, 4, 16, 2)  # [tile, t, j, s] in the alternating order

@@ -217,8 +217,8 @@ def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_des
 
     SWIGLU: SwiGLU of the even (gate) and odd (up) columns, rounded as the reference rounds them, padding
     rows (not valid_rows) zeroed; the first item's 64 columns wait in h_buf (stored and read back by the
-    same threads, in the same layout; swizzled, as the 8 rows a warp writes would otherwise share two
-    banks), the second item quantizes both halves with the group's scale and stores them (TMA, c_lo /
+    same threads, in the same layout, 16 bytes at a time; swizzled by 16-byte chunk, as the 8 rows a warp
+    writes would otherwise put a chunk on the same banks), the second item quantizes both halves with the group's scale and stores them (TMA, c_lo /
     c_hi) and the scales (K-major). Else the tile in the output dtype through c_lo."""
     HALF: gl.constexpr = BLOCK_N // 2
     if SWIGLU:
