@@ -54,12 +54,16 @@ def record(case, variant, m, n, k, us, flops, nbytes, base_us=None, base_name=""
     r = {"case": case, "variant": variant, "M": m, "N": n, "K": k, "us": round(us, 3),
          "tflops": round(tf, 1), "gbs": round(gbs, 1), "baseline": base_name,
          "x_vs_baseline": None if ratio is None else round(ratio, 3), "mean_rel_err": err}
+    # the SM clock and power while each was timed (bench_timing.Timed; sums of times carry none)
+    r.update(sm_mhz_w=getattr(us, "clock", None), baseline_sm_mhz_w=getattr(base_us, "clock", None))
     r.update(extra or {})
     RESULTS.append(r)
     rs = f"{ratio:5.2f}x vs {base_name}" if ratio else "baseline"
     es = "" if err is None else f" err {err:.1e}"
+    ck = r["sm_mhz_w"]
+    cs = f" | {ck['mhz']:4.0f} MHz {ck['w']:5.1f} W" if ck else ""
     print(f"{case:>8} {variant:<22} {m:6d} {n:5d} {k:5d} | {us:9.1f} us | {tf:7.1f} TFLOP/s | "
-          f"{gbs:7.1f} GB/s | {rs}{es}", flush=True)
+          f"{gbs:7.1f} GB/s | {rs}{es}{cs}", flush=True)
     return us
 
 
