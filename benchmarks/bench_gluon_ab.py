@@ -13,7 +13,8 @@ relative error < 1e-3 after dequantization) before anything is timed; then every
 and the bf16 baseline once, and the table gives each one's median over the rounds and its ratio to the
 first side. The order of the sides (bf16 included) rotates from round to round, so that the GPU's drift
 within a round (an H100 at its 700 W cap moves its SM clock between ~1200 and 1980 MHz) falls on every
-side alike; MHz and W are the median SM clock and board power (NVML) while each side was timed.
+side alike; MHz and W are the medians over the rounds of the SM clock and board power (NVML) that
+bench_timing.time_us saw while each side was timed.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import triton
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_kernels as bk  # noqa: E402
 from bench_timing import time_us  # noqa: E402
-from gpu_clocks import ClockSampler  # noqa: E402
 
 from fp8conv import numerics as fp8  # noqa: E402
 from fp8conv.kernels import grouped_gemm as gg  # noqa: E402
@@ -44,6 +44,15 @@ def load_module(path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _clocks(timed):
+    """The medians over the rounds of the SM clock and power each timing carried (bench_timing.Timed), or None."""
+    cs = [t.clock for t in timed if getattr(t, "clock", None)]
+    if not cs:
+        return None
+    return {"mhz": statistics.median(c["mhz"] for c in cs), "w": round(statistics.median(c["w"] for c in cs), 1),
+            "samples": sum(c["samples"] for c in cs)}
 
 
 def main(argv=None) -> int:
@@ -64,7 +73,6 @@ def main(argv=None) -> int:
     bf16_weights, packed = bk.preset_experts(g)
     # older kernel files expect w13's gate and up rows plainly alternating (no W13_ORDER): their own copy
     plain_w13 = packed.w13[:, torch.argsort(gg.gluon_w13_order(packed.w13.shape[1])).to(packed.w13.device)]
-    w13_of = {side: packed.w13 if getattr(mod, "W13_ORDER", 0) == 1 else plain_w13 for side, mod in sides.items()}
     w13t, w2t = bk.bf16_expert_views(*bf16_weights)
     out = []
     print(f"{'tokens':>6} {'GEMM':<8} {'side':<24} {'us':>8} {'vs ' + first:>12} {'x bf16':>7} {'MHz':>6} {'W':>6}")
@@ -75,18 +83,16 @@ def main(argv=None) -> int:
         c1, c2, align, (sid, bexp, pos, used), xq, xs = bk.sorted_operands(x, ids)
         fl = pos.reshape(-1).long()
 
-        def gate_up():
-            return gg.grouped_gemm_sorted(xq, xs, w13_of[current[0]], packed.s13, sid, bexp, used, swiglu=True,
+        def gate_up():  # with the w13 order of the side in use (gg._GLUON)
+            w13 = packed.w13 if getattr(gg._GLUON, "W13_ORDER", 0) == 1 else plain_w13
+            return gg.grouped_gemm_sorted(xq, xs, w13, packed.s13, sid, bexp, used, swiglu=True,
                                           num_valid=rows, align_m=align, config=c1, impl="gluon")
 
         def down(hq, hs):
             return gg.grouped_gemm_sorted(hq, hs, packed.w2, packed.s2, sid, bexp, used, swiglu=False,
                                           num_valid=rows, align_m=align, config=c2, impl="gluon")
 
-        current = ["new"]
-
         def use(side):
-            current[0] = side
             gg._GLUON = sides[side]
             gg._OCCUPANCY.clear()  # each side's registers and shared memory size its own grid
 
@@ -106,15 +112,13 @@ def main(argv=None) -> int:
                 "down": lambda: torch._grouped_mm(h_b, w2t, offs=offs)}
         names = list(sides) + ["bf16"]
         times = {(gemm, side): [] for gemm in runs for side in names}
-        with ClockSampler() as clocks:
-            for r in range(args.rounds):
-                order = names[r % len(names):] + names[:r % len(names)]  # each side in every position in turn
-                for gemm in runs:
-                    for side in order:
-                        if side != "bf16":
-                            use(side)
-                        with clocks.phase(f"{m} {gemm} {side}"):
-                            times[gemm, side].append(time_us(runs[gemm] if side != "bf16" else base[gemm], [()]))
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]  # each side in every position in turn
+            for gemm in runs:
+                for side in order:
+                    if side != "bf16":
+                        use(side)
+                    times[gemm, side].append(time_us(runs[gemm] if side != "bf16" else base[gemm], [()]))
         use("new")
         med = {k: statistics.median(v) for k, v in times.items()}
         for side in names:
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
         for gemm in ("gate/up", "down", "both"):
             for side in names:
                 t, t0, tb = med[gemm, side], med[gemm, first], med[gemm, "bf16"]
-                ck = clocks.summary(f"{m} {gemm} {side}") if gemm != "both" else None
+                ck = _clocks(times[gemm, side]) if gemm != "both" else None
                 cks = f"{ck['mhz']:6.0f} {ck['w']:6.1f}" if ck else ""
                 print(f"{m:6d} {gemm:<8} {side:<24} {t:8.1f} {t / t0:12.3f} {tb / t:7.2f} {cks}", flush=True)
                 out.append({"tokens": m, "gemm": gemm, "side": side, "us": round(t, 2), "x_bf16": round(tb / t, 3),

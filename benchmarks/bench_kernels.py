@@ -303,13 +303,20 @@ def block_fp8_experts(g, rows, cols):
     return w.to(torch.bfloat16), torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
-def preset_experts(g, interleave=1):
-    """The preset's gate, up and down expert weights from generator g (in that order): their bf16
-    copies and the block-FP8 experts packed with ``interleave`` (1: the Gluon kernels' layout)."""
+def preset_block_experts(g):
+    """The preset's gate, up and down expert weights from generator g (in that order): their bf16 copies,
+    and pack_experts' operands (gate, up, down block-FP8 values, then their scales)."""
     gb, gq, gs = block_fp8_experts(g, INTER_E, D)
     ub, uq, us_ = block_fp8_experts(g, INTER_E, D)
     db, dq, ds = block_fp8_experts(g, D, INTER_E)
-    return (gb, ub, db), gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=interleave)
+    return (gb, ub, db), (gq, uq, dq, gs, us_, ds)
+
+
+def preset_experts(g, interleave=1):
+    """preset_block_experts' bf16 copies and the experts packed with ``interleave`` (1: the Gluon kernels'
+    layout)."""
+    bf16, blocks = preset_block_experts(g)
+    return bf16, gg.pack_experts(*blocks, interleave=interleave)
 
 
 def sorted_operands(x, ids, kernels=(gg.GLUON_KERNEL, gg.GLUON_KERNEL)):
@@ -341,9 +348,7 @@ def bf16_sorted_rows(x, ids):
 
 def bench_moe(ms, sweep):
     g = torch.Generator(device="cuda").manual_seed(0)
-    gb, gq, gs = block_fp8_experts(g, INTER_E, D)
-    ub, uq, us_ = block_fp8_experts(g, INTER_E, D)
-    db, dq, ds = block_fp8_experts(g, D, INTER_E)
+    (gb, ub, db), (gq, uq, dq, gs, us_, ds) = preset_block_experts(g)
     packed = gg.pack_experts(gq, uq, dq, gs, us_, ds, interleave=64)  # the sorted layout's (serving path)
     packed_g = gg.pack_experts(gq, uq, dq, gs, us_, ds)  # the gather layout's, for its comparison rows
     # the Gluon kernels (Hopper, where gg.gluon_ok): serving runs both GEMMs there (the "gluon" layout,
