@@ -32,7 +32,7 @@ import triton.testing
 from fp8conv import numerics as fp8
 from fp8conv.kernels import act_quant, grouped_gemm as gg
 from fp8conv.kernels.config import KernelConfig, default_config, resolve_config
-from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up
 from fp8conv.kernels.testing import TOL, TOL_CHAINED, check, poison, ref_gemm_nt
 from fp8conv.runtime.ops import rms_norm
 
@@ -179,6 +179,8 @@ def bench_dense(ms, sweep):
             fn = time_us(lambda x, wb, wq, ws, *_: fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), sets)
             record(name, "fp8 rmsnorm_quant+gemm", m, n, k, fn, flops, lin_bytes, bfn, "norm+bf16", err,
                    {"goal": "producer"} if PRODUCER[name] == "rmsnorm" else None)
+            # (the down projection's producer-fused row, SwiGLU in the gate/up GEMM's epilogue, is
+            # bench_mlp's: it needs the gate/up GEMM)
             if swiglu:  # the down projection's real producer: SwiGLU of the gate/up output
                 g0, u0 = gu[:, :k], gu[:, k:]
                 ref_s = ref_gemm_nt(*fp8.quantize_per_token(
@@ -190,7 +192,7 @@ def bench_dense(ms, sweep):
                 fs = time_us(lambda x, wb, wq, ws, xq, xs, gu: fp8_gemm_nt(
                     *act_quant.swiglu_quant(gu[:, :k], gu[:, k:]), wq, ws), sets)
                 record(name, "fp8 swiglu_quant+gemm", m, n, k, fs, flops, lin_bytes + 2 * m * k, bfs,
-                       "silu*up+bf16", err, {"goal": "producer"})
+                       "silu*up+bf16", err)
                 qs = time_us(lambda x, wb, wq, ws, xq, xs, gu: act_quant.swiglu_quant(gu[:, :k], gu[:, k:]), sets)
                 record(name, "  swiglu_quant only", m, n, k, qs, 0, 5 * m * k + 4 * m)
             if "quant" in sweep and m == max(ms) and name in ("q/o", "down"):
@@ -201,6 +203,82 @@ def bench_dense(ms, sweep):
                 sweep_promote(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
             if "splitk" in sweep and m <= 64:
                 sweep_splitk(name, m, n, k, sets, ref_lin, smm, flops, gemm_bytes)
+
+
+def _mlp_set(m, d, inter):
+    """One set of the dense SwiGLU MLP's inputs: x, the RMSNorm weight, the weights in bf16 and FP8
+    (gate/up side by side and pair-interleaved), and each GEMM's input precomputed (to time it alone)."""
+    x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+    nw = 1 + 0.1 * torch.randn(d, device="cuda")
+    w1, w3 = (torch.randn(inter, d, device="cuda") * d ** -0.5 for _ in range(2))
+    w2 = torch.randn(d, inter, device="cuda") * inter ** -0.5
+    (q1, s1), (q3, s3), (q2, s2) = (fp8.quantize_channel(w) for w in (w1, w3, w2))
+    sbs = (torch.cat([q1.view(torch.uint8), q3.view(torch.uint8)]).view(torch.float8_e4m3fn), torch.cat([s1, s3]))
+    pairs = (interleave_gate_up(q1, q3), interleave_gate_up(s1, s3))
+    xq, xs = act_quant.rmsnorm_quant(x, nw, 1e-6)
+    h = fp8_gemm_nt(xq, xs, *pairs, swiglu=True)
+    xn = torch.nn.functional.rms_norm(x, (d,), nw.to(torch.bfloat16), 1e-6)
+    w13b = torch.cat([w1, w3]).to(torch.bfloat16)
+    return dict(x=x, nw=nw, nwb=nw.to(torch.bfloat16), w13b=w13b, w2b=w2.to(torch.bfloat16), sbs=sbs,
+                pairs=pairs, w2q=(q2, s2), xq=xq, xs=xs, h=h, hq=act_quant.per_token_quant(h), gub=xn @ w13b.t())
+
+
+def bench_mlp(m, d=1408, inter=3840):
+    """The dense SwiGLU MLP (RMSNorm, gate/up, SwiGLU, down) at the 4b preset's widths, three ways:
+    bf16 (torch's rms_norm, cuBLAS, torch.compile'd silu * up, cuBLAS); FP8 as the backend ran it before
+    (rmsnorm_quant, the (M, 2I) GEMM, swiglu_quant, the down GEMM); FP8 now (rmsnorm_quant, the gate/up
+    GEMM with SwiGLU in its epilogue, per_token_quant of the (M, I) product, the down GEMM). The two FP8
+    paths must agree bit for bit. Also records the down projection's producer-fused row for the issue's
+    goal: FP8 = (gate/up GEMM with the SwiGLU epilogue - the same GEMM without it) + quantization + down
+    GEMM, against silu * up + cuBLAS down, all measured here on the same tensors."""
+    sets = [tuple(st.values()) for st in rotating(lambda: _mlp_set(m, d, inter), 7 * m * d + 6 * inter * d)]
+    keys = list(_mlp_set(1, d, inter))
+    named = [dict(zip(keys, st)) for st in sets]
+    sm = silu_mul_bf16()
+    c13, _ = resolve_config("fp8_gemm", m, 2 * inter, d)
+    c2, _ = resolve_config("fp8_gemm", m, d, inter)
+
+    def bf16_mlp(t):
+        gu = torch.nn.functional.rms_norm(t["x"], (d,), t["nwb"], 1e-6) @ t["w13b"].t()
+        return sm(gu[:, :inter], gu[:, inter:]) @ t["w2b"].t()
+
+    def fp8_before(t):
+        gu = fp8_gemm_nt(*act_quant.rmsnorm_quant(t["x"], t["nw"], 1e-6), *t["sbs"], config=c13)
+        return fp8_gemm_nt(*act_quant.swiglu_quant(gu[:, :inter], gu[:, inter:]), *t["w2q"], config=c2)
+
+    def fp8_now(t):
+        h = fp8_gemm_nt(*act_quant.rmsnorm_quant(t["x"], t["nw"], 1e-6), *t["pairs"], config=c13, swiglu=True)
+        return fp8_gemm_nt(*act_quant.per_token_quant(h), *t["w2q"], config=c2)
+
+    t0 = named[0]
+    ref = bf16_mlp(t0)
+    y_before, y_now = fp8_before(t0), fp8_now(t0)
+    same = bool(torch.equal(y_before, y_now))
+    # FP8's own error against bf16 (~3e-2) as a sanity gate; the FP8 kernels are each checked elsewhere
+    err = checked(y_now, ref, "fp8 MLP vs bf16", tol=0.1)
+    err_before = checked(y_before, ref, "fp8 MLP (before) vs bf16", tol=0.1)
+    print(f"  MLP M={m}: the two FP8 paths identical: {same}")
+    flops = 2 * m * d * 3 * inter
+    run = lambda f: time_us(lambda *st: f(dict(zip(keys, st))), sets)  # noqa: E731
+    bf = run(bf16_mlp)
+    record("mlp", "bf16 rms_norm+cublas+silu*up+cublas", m, inter, d, bf, flops, 0)
+    record("mlp", "fp8 before (swiglu_quant pass)", m, inter, d, run(fp8_before), flops, 0, bf, "bf16 MLP",
+           err_before)
+    record("mlp", "fp8 SwiGLU epilogue", m, inter, d, run(fp8_now), flops, 0, bf, "bf16 MLP", err,
+           {"identical_to_before": same})
+    # the parts
+    g13 = run(lambda t: fp8_gemm_nt(t["xq"], t["xs"], *t["pairs"], config=c13))
+    record("mlp", "  gate/up GEMM (2I out)", m, 2 * inter, d, g13, 2 * m * 2 * inter * d, 0)
+    g13s = run(lambda t: fp8_gemm_nt(t["xq"], t["xs"], *t["pairs"], config=c13, swiglu=True))
+    record("mlp", "  gate/up GEMM+SwiGLU (I out)", m, 2 * inter, d, g13s, 2 * m * 2 * inter * d, 0, g13,
+           "plain epilogue")
+    qd = run(lambda t: fp8_gemm_nt(*act_quant.per_token_quant(t["h"]), *t["w2q"], config=c2))
+    record("mlp", "  quant(h)+down GEMM", m, d, inter, qd, 2 * m * d * inter, 0)
+    bfs = run(lambda t: sm(t["gub"][:, :inter], t["gub"][:, inter:]) @ t["w2b"].t())
+    record("mlp", "  silu*up+cublas bf16 down", m, d, inter, bfs, 2 * m * d * inter, 0)
+    fused = g13s - g13 + qd  # a sum of timings: carries no clock
+    record("down", "fp8 SwiGLU-epilogue+quant+gemm", m, d, inter, fused, 2 * m * d * inter, 0, bfs,
+           "silu*up+bf16", None, {"goal": "producer", "derived": "gate/up GEMM+SwiGLU - gate/up GEMM + quant(h)+down"})
 
 
 def sweep_quant(name, m, k, sets, nw):
@@ -633,6 +711,7 @@ def summary(m):
         ("FP8 GEMM alone (tuned where cached, else default)", geomean(served_ratios()), 1.0),
         ("grouped FP8 expert GEMMs vs _grouped_mm bf16", geomean(ratios("fp8 both GEMMs")), 1.6),
         ("whole MoE layer FP8 vs bf16 torch pipeline", geomean(ratios("fp8 layer (fused_experts)")), None),
+        ("dense SwiGLU MLP FP8 vs bf16 (norm, 2 GEMMs, SwiGLU)", geomean(ratios("fp8 SwiGLU epilogue")), None),
     ]
     print(f"\n== summary at M = {m} (geometric mean over the preset's shapes) ==")
     for label, val, goal in rows:
@@ -648,7 +727,7 @@ def main(argv=None):
     ap.add_argument("--sweep", nargs="?", const="quant,gemm,promote,grouped,gluon", default="",
                     help="also time candidates at the largest M: comma list of quant,gemm,promote,grouped "
                          "(all if given without a value)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: dense,moe")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: dense,mlp,moe")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_kernels needs a CUDA GPU")
@@ -664,6 +743,9 @@ def main(argv=None):
     skip = set(args.skip.split(","))
     if "dense" not in skip:
         bench_dense(ms, args.sweep)
+    if "mlp" not in skip:
+        for m in ms:
+            bench_mlp(m)
     if "moe" not in skip:
         bench_moe(ms, args.sweep)
     summaries = {m: summary(m) for m in ms if m >= 4096}

@@ -127,10 +127,18 @@ def _load_tile(ptr, rows, stride, cols, rmask, K):
 
 
 @triton.jit
+def swiglu_values(g, u, DTYPE: tl.constexpr):
+    """silu(g) * u in float32 from g, u holding DTYPE values, rounded to DTYPE (the reference's
+    unfused SwiGLU on the GEMM's rounded output). Shared with fp8_gemm's SwiGLU epilogue, so both
+    paths give the same bits."""
+    gf = g.to(tl.float32)
+    return round_to(gf * tl.sigmoid(gf) * u.to(tl.float32), DTYPE)
+
+
+@triton.jit
 def _swiglu_tile(g, u_ptr, rows, stride_u, cols, rmask, K):
     u, _ = _load_tile(u_ptr, rows, stride_u, cols, rmask, K)
-    gf = g.to(tl.float32)
-    return round_to(gf * tl.sigmoid(gf) * u.to(tl.float32), g.dtype)
+    return swiglu_values(g, u, g.dtype)
 
 
 @triton.jit

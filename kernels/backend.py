@@ -6,7 +6,8 @@ Dispatch, per call:
 - ``norm_linears`` (the self-attention's q, k, v): all ``channel`` -> one fused RMSNorm + quantization
   of x and one GEMM against the weights side by side (concatenated at first use). Else per-Linear.
 - ``swiglu_mlp``: all three ``channel`` -> one quantization of x, one GEMM for gate and up together
-  (weights concatenated at first use), fused SwiGLU + quantization, the down GEMM. Else per-Linear.
+  (weights pair-interleaved at first use) with SwiGLU in its epilogue, so only the (M, I) product
+  reaches memory, its per-token quantization, the down GEMM. Else per-Linear.
 - ``experts``: block-FP8 experts -> the grouped pipeline (grouped_gemm.fused_experts) on weights
   packed at first use for the layout of grouped_gemm.expert_layout (on Hopper with Triton 3.6 the Gluon
   kernels, configs of "fp8_grouped_gemm_gluon"; elsewhere the tl.dot sorted layout where rows are
@@ -36,7 +37,7 @@ import torch
 
 from fp8conv.kernels import act_quant, norm
 from fp8conv.kernels.config import KernelConfig, resolve_config
-from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up
 from fp8conv.kernels.grouped_gemm import INTERLEAVE, expert_layout, fused_experts, layout_kernels, pack_experts
 from fp8conv.kernels.topk import topk as radix_topk
 from fp8conv.runtime.ops import Experts, Linear, ReferenceBackend
@@ -86,11 +87,12 @@ class TritonBackend(ReferenceBackend):
     def _channel_fp8(*ws: Linear) -> bool:
         return all(w.scheme == "channel" and w.weight.dtype == torch.float8_e4m3fn for w in ws)
 
-    def _gemm(self, q, s, w: Linear | tuple, out_dtype):
+    def _gemm(self, q, s, w: Linear | tuple, out_dtype, swiglu: bool = False):
         weight, scale = (w.weight, w.scale) if isinstance(w, Linear) else w
         m, k = q.shape
         n = weight.shape[0]
-        return fp8_gemm_nt(q, s, weight, scale, out_dtype, config=self._config("fp8_gemm", m, n, k))
+        return fp8_gemm_nt(q, s, weight, scale, out_dtype, config=self._config("fp8_gemm", m, n, k),
+                           swiglu=swiglu)
 
     # -- dense layers -----------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
@@ -138,12 +140,13 @@ class TritonBackend(ReferenceBackend):
             self.calls["swiglu_mlp.split"] += 1
             return super().swiglu_mlp(x, gate, up, down)  # per-Linear dispatch
         self.calls["swiglu_mlp.fp8"] += 1
-        w13 = self._side_by_side(gate, up)
-        inter = gate.weight.shape[0]
+        w13 = self._cached((gate, up), lambda: (
+            interleave_gate_up(gate.weight, up.weight),
+            interleave_gate_up(gate.scale.reshape(-1, 1).float(), up.scale.reshape(-1, 1).float())), "pairs")
         x2 = x.reshape(-1, x.shape[-1])
         q, s = act_quant.per_token_quant(x2)
-        gu = self._gemm(q, s, w13, x.dtype)  # (M, 2I)
-        hq, hs = act_quant.swiglu_quant(gu[:, :inter], gu[:, inter:])
+        h = self._gemm(q, s, w13, x.dtype, swiglu=True)  # (M, I): silu(gate) * up, rounded as unfused
+        hq, hs = act_quant.per_token_quant(h)
         return self._gemm(hq, hs, down, x.dtype).reshape(*x.shape[:-1], -1)
 
     # -- norms --------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ Two kernels compute the same thing:
   K % 16 == 0 and N % 8 == 0 (for a 2-byte output).
 - ``_fp8_gemm_nt_kernel``: plain pointer loads with masks; any shape, any (unit-column) stride. Used
   when the TMA alignment does not hold, when the Triton build lacks tensor descriptors, or on request.
+
+Both take SWIGLU (``fp8_gemm_nt(..., swiglu=True)``): B holds a SwiGLU MLP's gate and up projections
+pair-interleaved (row 2j = gate j, row 2j + 1 = up j: ``interleave_gate_up``), and the epilogue writes
+silu(gate) * up, N / 2 columns. A wgmma accumulator thread holds output columns in adjacent pairs, so
+the split into gate and up is a register rename, and the (M, 2I) gate/up output never reaches memory:
+the MLP's down projection quantizes the (M, I) product directly.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.act_quant import round_to
+from fp8conv.kernels.act_quant import round_to, swiglu_values
 from fp8conv.kernels.config import PROMOTE_DEFAULT, PROMOTE_MIN_K, KernelConfig, default_config
 
 KERNEL_NAME = "fp8_gemm"
@@ -40,6 +46,19 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _finish(acc, DTYPE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The scaled float32 tile as stored, in DTYPE: rounded to nearest even (also under the
+    interpreter); with SWIGLU, columns (2j, 2j + 1) are gate j and up j, and the tile becomes
+    swiglu_values of the rounded pair, BLOCK_N // 2 columns: the unfused GEMM's output then act_quant's
+    SwiGLU, bit for bit."""
+    acc = round_to(acc, DTYPE)
+    if SWIGLU:
+        g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
+        acc = swiglu_values(g, u, DTYPE)
+    return acc.to(DTYPE)
+
+
+@triton.jit
 def _fp8_gemm_nt_kernel(
     # A (M, K) fp8, B (N, K) fp8, out (M, N)
     a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr,
@@ -47,8 +66,9 @@ def _fp8_gemm_nt_kernel(
     stride_am, stride_bn, stride_cm,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PROMOTE: tl.constexpr,
+    PROMOTE: tl.constexpr, SWIGLU: tl.constexpr,
 ):
+    # SWIGLU: N counts B's rows (2I); the output has N // 2 columns
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -73,22 +93,28 @@ def _fp8_gemm_nt_kernel(
     sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
     acc = acc * sa[:, None] * sb[None, :]
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    acc = round_to(acc, c_ptr.dtype.element_ty)  # RNE also under the interpreter
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    if SWIGLU:
+        offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        n_c = N // 2
+    else:
+        offs_c = offs_n
+        n_c = N
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_c[None, :]
+    tl.store(c_ptrs, _finish(acc, c_ptr.dtype.element_ty, SWIGLU, BLOCK_M, BLOCK_N),
+             mask=(offs_m[:, None] < M) & (offs_c[None, :] < n_c))
 
 
 @triton.jit
 def _tma_epilogue(acc, item, tile, off_m, off_n, c_desc, as_ptr, bs_ptr, ws_ptr, cnt_ptr, M, N,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr):
     offs_m = off_m + tl.arange(0, BLOCK_M)
     offs_n = off_n + tl.arange(0, BLOCK_N)
     sa = tl.load(as_ptr + offs_m, mask=offs_m < M, other=0.0)
     sb = tl.load(bs_ptr + offs_n, mask=offs_n < N, other=0.0)
     acc = acc * sa[:, None] * sb[None, :]
+    off_c = off_n // 2 if SWIGLU else off_n
     if SPLIT_K == 1:
-        acc = round_to(acc, c_desc.dtype)
-        c_desc.store([off_m, off_n], acc.to(c_desc.dtype))
+        c_desc.store([off_m, off_c], _finish(acc, c_desc.dtype, SWIGLU, BLOCK_M, BLOCK_N))
     else:
         # serial split-K fix-up: every split stores its scaled partial tile; the split that arrives
         # last sums all of them in split order (deterministic whichever arrives last), writes the
@@ -104,8 +130,7 @@ def _tma_epilogue(acc, item, tile, off_m, off_n, c_desc, as_ptr, bs_ptr, ws_ptr,
             for s in tl.static_range(SPLIT_K):
                 tot += tl.load(ws_ptr + (rows + s * M) * N + offs_n[None, :], mask=mask, other=0.0,
                                cache_modifier=".cg")
-            tot = round_to(tot, c_desc.dtype)
-            c_desc.store([off_m, off_n], tot.to(c_desc.dtype))
+            c_desc.store([off_m, off_c], _finish(tot, c_desc.dtype, SWIGLU, BLOCK_M, BLOCK_N))
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
@@ -120,7 +145,7 @@ def _fp8_gemm_nt_tma_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr, PROMOTE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, SPLIT_K: tl.constexpr,
-    CHUNKS: tl.constexpr,
+    CHUNKS: tl.constexpr, SWIGLU: tl.constexpr,
 ):
     # A work item is (output tile, K split); the splits of a tile are consecutive items, so they run at
     # the same time on different SMs. A program walks its items (every NUM_SMS-th) in CHUNKS chained
@@ -163,12 +188,12 @@ def _fp8_gemm_nt_tma_kernel(
                 acc = tl.dot(a, b.T, acc)
         if CHUNKS == 1:
             _tma_epilogue(acc, item, tile, off_m, off_n, c_desc, as_ptr, bs_ptr, ws_ptr, cnt_ptr, M, N,
-                          BLOCK_M, BLOCK_N, SPLIT_K)
+                          BLOCK_M, BLOCK_N, SPLIT_K, SWIGLU)
         else:
             total = tl.where(c == 0, acc, total + acc)
             if c == CHUNKS - 1:
                 _tma_epilogue(total, item, tile, off_m, off_n, c_desc, as_ptr, bs_ptr, ws_ptr, cnt_ptr, M, N,
-                              BLOCK_M, BLOCK_N, SPLIT_K)
+                              BLOCK_M, BLOCK_N, SPLIT_K, SWIGLU)
 
 
 # Hopper's FP8 tensor cores accumulate a wgmma chain in less than FP32 precision; over long K the
@@ -250,6 +275,17 @@ def tma_ok(m: int, n: int, k: int, out_dtype: torch.dtype) -> bool:
     return _tensor_descriptor() is not None and k % 16 == 0 and (n * torch.empty((), dtype=out_dtype).element_size()) % 16 == 0
 
 
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Rows of gate and up (I, ...) pair-interleaved, (2I, ...): row 2j = gate j, row 2j + 1 = up j.
+    The B operand (and its per-channel scale) of ``fp8_gemm_nt(..., swiglu=True)``. FP8 by its bytes."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}")
+    fp8 = gate.dtype == torch.float8_e4m3fn
+    g, u = (gate.view(torch.uint8), up.view(torch.uint8)) if fp8 else (gate, up)
+    w = torch.stack([g, u], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:]).contiguous()
+    return w.view(torch.float8_e4m3fn) if fp8 else w
+
+
 def _check(a, a_scale, b, b_scale, out_dtype):
     for t, name in ((a, "a"), (b, "b")):
         if t.dtype != torch.float8_e4m3fn:
@@ -275,8 +311,10 @@ def _check(a, a_scale, b, b_scale, out_dtype):
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.bfloat16, config: KernelConfig | None = None,
                 variant: str = "auto", out: torch.Tensor | None = None,
-                promote: bool | int | None = None) -> torch.Tensor:
+                promote: bool | int | None = None, swiglu: bool = False) -> torch.Tensor:
     """out (M, N) = (A @ B^T) * a_scale * b_scale^T, FP32 accumulation, written in ``out_dtype``.
+    With swiglu=True, out (M, N / 2) = silu(G) * U where G and U are the even and odd columns of that
+    product, each rounded to ``out_dtype`` first (B from ``interleave_gate_up``; N even).
 
     a:       (M, K) float8_e4m3fn, unit column stride (any row stride; TMA wants it contiguous).
     a_scale: (M, 1) float32, contiguous (per token).
@@ -297,16 +335,19 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     share the arrival counters).
     """
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
+    if swiglu and n % 2:
+        raise ValueError(f"swiglu needs b with an even number of rows (gate and up interleaved), got {n}")
+    n_out = n // 2 if swiglu else n
     if out is None:
-        out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({m}, {n}) {out_dtype} tensor")
+        out = torch.empty(m, n_out, dtype=out_dtype, device=a.device)
+    elif out.shape != (m, n_out) or out.dtype != out_dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({m}, {n_out}) {out_dtype} tensor")
     if m == 0 or n == 0:
         return out
     cfg = config or default_config(KERNEL_NAME, m, n, k)
     a_scale = a_scale.reshape(-1).contiguous()
     b_scale = b_scale.reshape(-1).contiguous()
-    use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n, k, out_dtype)
+    use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n_out, k, out_dtype)
                                                and a.is_contiguous() and b.is_contiguous())
     warp_spec = variant == "tma_ws" or (use_tma and cfg.WARP_SPEC == 1)
     k_tiles = triton.cdiv(k, cfg.BLOCK_K)
@@ -321,7 +362,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         TD = _tensor_descriptor()
         a_d = TD.from_tensor(a.contiguous(), [cfg.BLOCK_M, cfg.BLOCK_K])
         b_d = TD.from_tensor(b.contiguous(), [cfg.BLOCK_N, cfg.BLOCK_K])
-        c_d = TD.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N])
+        c_d = TD.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N])
         sms = _num_sms(a.device.index or 0)
         ws = torch.empty(split, m, n, dtype=torch.float32, device=a.device) if split > 1 else None
         grid = (min(sms, tiles * split),)
@@ -329,7 +370,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
             a_d, b_d, c_d, a_scale, b_scale, ws, cnt, m, n, k,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
             NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec and split == 1, SPLIT_K=split,
-            CHUNKS=chunks,
+            CHUNKS=chunks, SWIGLU=swiglu,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
@@ -337,6 +378,6 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     _fp8_gemm_nt_kernel[grid](
         a, b, out, a_scale, b_scale, m, n, k, chunks, a.stride(0), b.stride(0), out.stride(0),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        PROMOTE=promote, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PROMOTE=promote, SWIGLU=swiglu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -7,7 +7,8 @@ import torch
 
 from fp8conv import numerics as fp8
 from fp8conv.kernels.config import KernelConfig, default_config
-from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, tma_ok
+from fp8conv.kernels import act_quant
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up, tma_ok
 from fp8conv.kernels.testing import check, poison, ref_gemm_nt
 
 MS = [1, 7, 83]
@@ -122,6 +123,42 @@ def test_gemm_split_k(m, n, k, split, promote):
     assert int(mod._COUNTERS[(a.device.type, a.device.index)].abs().sum()) == 0
 
 
+def _swiglu_ref(a, sa, w13, s13, dtype=torch.bfloat16):
+    """The unfused reference: the (M, 2I) GEMM rounded to dtype, then silu(gate) * up rounded again."""
+    gu = ref_gemm_nt(a, sa, w13, s13, dtype).float()
+    g, u = gu[:, 0::2], gu[:, 1::2]
+    return (torch.nn.functional.silu(g) * u).to(dtype)
+
+
+@pytest.mark.parametrize("m,inter,k,variant", [(1, 20, 48, "auto"), (7, 40, 96, "auto"), (83, 64, 80, "auto"),
+                                               (83, 20, 96, "ptr"), (7, 40, 48, "tma")])
+def test_gemm_swiglu_epilogue(m, inter, k, variant):
+    """swiglu=True on gate/up weights pair-interleaved: silu(gate) * up of the rounded GEMM outputs, I
+    columns (I = 20: 40-byte rows, so "auto" takes the pointer kernel; 40 and 64 the TMA one)."""
+    a, sa, g, sg = _operands(m, inter, k, seed=m + inter + k)
+    _, _, u, su = _operands(m, inter, k, seed=m + inter + k + 1)
+    w13, s13 = interleave_gate_up(g, u), interleave_gate_up(sg, su)
+    assert torch.equal(w13[1::2].view(torch.uint8), u.view(torch.uint8)) and torch.equal(s13[0::2], sg)
+    out = poison(torch.empty(m, inter, dtype=torch.bfloat16, device=a.device))
+    fp8_gemm_nt(a, sa, w13, s13, config=SMALL if not a.is_cuda else None, variant=variant, out=out, swiglu=True)
+    check(out.cpu(), _swiglu_ref(a, sa, w13, s13).cpu(), what=f"swiglu {m}x{inter}x{k} {variant}")
+    # and bit for bit what the unfused path feeds the down projection: the (M, 2I) output, then
+    # act_quant's fused SwiGLU + quantization
+    gu = fp8_gemm_nt(a, sa, w13, s13, config=SMALL if not a.is_cuda else None, variant=variant)
+    q0, s0 = act_quant.swiglu_quant(gu[:, 0::2].contiguous(), gu[:, 1::2].contiguous())
+    q1, s1 = act_quant.per_token_quant(out)
+    assert torch.equal(s0, s1) and torch.equal(q0.view(torch.uint8), q1.view(torch.uint8))
+
+
+def test_gemm_swiglu_validation():
+    a, sa, b, sb = _operands(3, 33, 48, seed=2)
+    with pytest.raises(ValueError, match="even number of rows"):
+        fp8_gemm_nt(a, sa, b, sb, swiglu=True)
+    with pytest.raises(ValueError, match=r"\(3, 16\)"):
+        fp8_gemm_nt(a, sa, b[:32], sb[:32], swiglu=True, out=torch.empty(3, 32, dtype=torch.bfloat16,
+                                                                          device=a.device))
+
+
 def test_unwritten_output_fails():
     a, sa, b, sb = _operands(7, 40, 48, seed=3)
     out = poison(torch.empty(7, 40, dtype=torch.bfloat16, device=a.device))
@@ -169,3 +206,26 @@ def test_gemm_real_shapes_cuda(m, nk):
         out = poison(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
         fp8_gemm_nt(a, sa, b, sb, torch.bfloat16, config=cfg, out=out, promote=promote)
         check(out, ref_gemm_nt(a, sa, b, sb, torch.bfloat16), what=f"{m}x{n}x{k} split {cfg.SPLIT_K} promote {promote}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m", [1, 83, 4096, 16384])
+def test_gemm_swiglu_epilogue_cuda(m):
+    """The dense MLP's gate/up GEMM with SwiGLU in its epilogue at the 4b preset's widths (I 3840, d 1408),
+    with the default config, split-K and a 64-row config: against the reference, and its per-token
+    quantization bit for bit the unfused path's (the (M, 2I) output, then act_quant.swiglu_quant)."""
+    inter, k = 3840, 1408
+    a, sa, g, sg = _operands(m, inter, k, seed=m)
+    _, _, u, su = _operands(m, inter, k, seed=m + 1)
+    w13, s13 = interleave_gate_up(g, u), interleave_gate_up(sg, su)
+    ref = _swiglu_ref(a, sa, w13, s13)
+    for cfg in (None, KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4,
+                                   SPLIT_K=2 if m <= 512 else 1)):
+        for variant in ("auto", "ptr"):
+            out = poison(torch.empty(m, inter, dtype=torch.bfloat16, device="cuda"))
+            fp8_gemm_nt(a, sa, w13, s13, config=cfg, variant=variant, out=out, swiglu=True)
+            check(out, ref, what=f"swiglu {m} {variant} {cfg}")
+            gu = fp8_gemm_nt(a, sa, w13, s13, config=cfg, variant=variant)
+            q0, s0 = act_quant.swiglu_quant(gu[:, 0::2].contiguous(), gu[:, 1::2].contiguous())
+            q1, s1 = act_quant.per_token_quant(out)
+            assert torch.equal(s0, s1) and torch.equal(q0.view(torch.uint8), q1.view(torch.uint8)), (m, variant, cfg)
