@@ -30,7 +30,7 @@ import triton
 import triton.testing
 
 from fp8conv import numerics as fp8
-from fp8conv.kernels import act_quant, grouped_gemm as gg
+from fp8conv.kernels import act_quant, fp8_gemm as gemm_mod, grouped_gemm as gg
 from fp8conv.kernels.config import KernelConfig, default_config, resolve_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up
 from fp8conv.kernels.testing import TOL, TOL_CHAINED, check, poison, ref_gemm_nt
@@ -220,10 +220,11 @@ def _mlp_set(m, d, inter):
     xn = torch.nn.functional.rms_norm(x, (d,), nw.to(torch.bfloat16), 1e-6)
     w13b = torch.cat([w1, w3]).to(torch.bfloat16)
     return dict(x=x, nw=nw, nwb=nw.to(torch.bfloat16), w13b=w13b, w2b=w2.to(torch.bfloat16), sbs=sbs,
-                pairs=pairs, w2q=(q2, s2), xq=xq, xs=xs, h=h, hq=act_quant.per_token_quant(h), gub=xn @ w13b.t())
+                pairs=pairs, w2q=(q2, s2), xq=xq, xs=xs, h=h, hq=act_quant.per_token_quant(h), gub=xn @ w13b.t(),
+                pairs1=(interleave_gate_up(q1, q3, order=1), interleave_gate_up(s1, s3, order=1)))
 
 
-def bench_mlp(m, d=1408, inter=3840):
+def bench_mlp(m, d=1408, inter=3840, sweep=False):
     """The dense SwiGLU MLP (RMSNorm, gate/up, SwiGLU, down) at the 4b preset's widths, three ways:
     bf16 (torch's rms_norm, cuBLAS, torch.compile'd silu * up, cuBLAS); FP8 as the backend ran it before
     (rmsnorm_quant, the (M, 2I) GEMM, swiglu_quant, the down GEMM); FP8 now (rmsnorm_quant, the gate/up
@@ -276,9 +277,57 @@ def bench_mlp(m, d=1408, inter=3840):
     record("mlp", "  quant(h)+down GEMM", m, d, inter, qd, 2 * m * d * inter, 0)
     bfs = run(lambda t: sm(t["gub"][:, :inter], t["gub"][:, inter:]) @ t["w2b"].t())
     record("mlp", "  silu*up+cublas bf16 down", m, d, inter, bfs, 2 * m * d * inter, 0)
+    if sweep:
+        sweep_swiglu(m, d, inter, sets, keys, t0)
     fused = g13s - g13 + qd  # a sum of timings: carries no clock
     record("down", "fp8 SwiGLU-epilogue+quant+gemm", m, d, inter, fused, 2 * m * d * inter, 0, bfs,
            "silu*up+bf16", None, {"goal": "producer", "derived": "gate/up GEMM+SwiGLU - gate/up GEMM + quant(h)+down"})
+
+
+SWIGLU_CANDIDATES = [  # (config, programs per SM)
+    (KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3), 1),
+    (KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, WARP_SPEC=1), 1),
+    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4), 1),
+    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3), 2),
+    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3), 2),
+    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, WARP_SPEC=1), 1),
+    (KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3), 2),
+    (KernelConfig(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3), 1),
+]
+
+
+def sweep_swiglu(m, d, inter, sets, keys, t0):
+    """The gate/up GEMM with and without the SwiGLU epilogue over candidate configs (and programs per
+    SM: a second resident program can run its MMAs under the other's epilogue); each SwiGLU output is
+    first compared bit for bit with the plain GEMM's output put through act_quant's SwiGLU."""
+    ref_q = None
+    for cfg, ppsm in SWIGLU_CANDIDATES:
+        tag = f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{' ws' if cfg.WARP_SPEC else ''} {ppsm}/SM"
+        for order in ((1, 2) if cfg == SWIGLU_CANDIDATES[0][0] else (2,)):
+            key = "pairs" if order == 2 else "pairs1"
+            try:
+                h = fp8_gemm_nt(t0["xq"], t0["xs"], *t0[key], config=cfg, swiglu=True, swiglu_order=order,
+                                programs_per_sm=ppsm)
+                gu = fp8_gemm_nt(t0["xq"], t0["xs"], *t0[key], config=cfg, programs_per_sm=ppsm)
+                pos = torch.argsort(gemm_mod.swiglu_order(inter, order).cuda())  # column c's pair
+                q0, s0 = act_quant.swiglu_quant(gu[:, 0::2][:, pos].contiguous(), gu[:, 1::2][:, pos].contiguous())
+                q1, s1 = act_quant.per_token_quant(h)
+                same = torch.equal(s0, s1) and torch.equal(q0.view(torch.uint8), q1.view(torch.uint8))
+                if ref_q is None:
+                    ref_q = q1
+                err = checked(q1.float(), ref_q.float(), f"sweep {tag}", tol=0.05)
+                us = time_us(lambda *st, c=cfg, k=key, o=order: fp8_gemm_nt(
+                    st[keys.index("xq")], st[keys.index("xs")], *st[keys.index(k)], config=c, swiglu=True,
+                    swiglu_order=o, programs_per_sm=ppsm), sets)
+                plain = time_us(lambda *st, c=cfg, k=key: fp8_gemm_nt(
+                    st[keys.index("xq")], st[keys.index("xs")], *st[keys.index(k)], config=c,
+                    programs_per_sm=ppsm), sets)
+            except Exception as exc:  # out of resources etc.
+                print(f"  sweep {tag} order {order}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue
+            record("mlp", f"sweep swiglu o{order} {tag}", m, 2 * inter, d, us, 2 * m * 2 * inter * d, 0, plain,
+                   "plain epilogue", err, {"sweep": True, "bit_exact_vs_unfused": same, "config": cfg.to_dict(),
+                                           "programs_per_sm": ppsm})
 
 
 def sweep_quant(name, m, k, sets, nw):
@@ -745,7 +794,7 @@ def main(argv=None):
         bench_dense(ms, args.sweep)
     if "mlp" not in skip:
         for m in ms:
-            bench_mlp(m)
+            bench_mlp(m, sweep="mlp" in args.sweep and m >= 4096)
     if "moe" not in skip:
         bench_moe(ms, args.sweep)
     summaries = {m: summary(m) for m in ms if m >= 4096}

@@ -21,6 +21,7 @@ the MLP's down projection quantizes the (M, I) product directly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -55,6 +56,10 @@ def _finish(acc, DTYPE: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_M: tl.constexp
     if SWIGLU:
         g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N // 2, 2)))
         acc = swiglu_values(g, u, DTYPE)
+        if SWIGLU == 2:
+            # quad order: pair p = 4 * c8 + q of each 64-column chunk holds output column 8 * q + c8
+            acc = tl.reshape(tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N // 64, 8, 4)), (0, 1, 3, 2)),
+                             (BLOCK_M, BLOCK_N // 2))
     return acc.to(DTYPE)
 
 
@@ -275,14 +280,29 @@ def tma_ok(m: int, n: int, k: int, out_dtype: torch.dtype) -> bool:
     return _tensor_descriptor() is not None and k % 16 == 0 and (n * torch.empty((), dtype=out_dtype).element_size()) % 16 == 0
 
 
-def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Rows of gate and up (I, ...) pair-interleaved, (2I, ...): row 2j = gate j, row 2j + 1 = up j.
-    The B operand (and its per-channel scale) of ``fp8_gemm_nt(..., swiglu=True)``. FP8 by its bytes."""
+SWIGLU_ORDER = 2  # experiment switch: 1 = plain pairs, 2 = quad order
+
+
+def swiglu_order(inter: int, order: int | None = None) -> torch.Tensor:
+    """Which output column each (gate, up) pair of the packed weight computes."""
+    order = SWIGLU_ORDER if order is None else order
+    if order == 1:
+        return torch.arange(inter)
+    if inter % 32:
+        raise ValueError(f"the quad order needs I % 32 == 0, got {inter}")
+    return torch.arange(inter).view(-1, 4, 8).transpose(1, 2).reshape(-1)
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, order: int | None = None) -> torch.Tensor:
+    """Rows of gate and up (I, ...) pair-interleaved, (2I, ...): row 2p = gate c, row 2p + 1 = up c for
+    c = swiglu_order(I)[p]. The B operand (and its per-channel scale) of ``fp8_gemm_nt(..., swiglu=True)``.
+    FP8 by its bytes."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"gate and up must match: {tuple(gate.shape)} {gate.dtype} vs {tuple(up.shape)} {up.dtype}")
     fp8 = gate.dtype == torch.float8_e4m3fn
     g, u = (gate.view(torch.uint8), up.view(torch.uint8)) if fp8 else (gate, up)
-    w = torch.stack([g, u], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:]).contiguous()
+    idx = swiglu_order(gate.shape[0], order).to(gate.device)
+    w = torch.stack([g[idx], u[idx]], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:]).contiguous()
     return w.view(torch.float8_e4m3fn) if fp8 else w
 
 
@@ -311,7 +331,8 @@ def _check(a, a_scale, b, b_scale, out_dtype):
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.bfloat16, config: KernelConfig | None = None,
                 variant: str = "auto", out: torch.Tensor | None = None,
-                promote: bool | int | None = None, swiglu: bool = False) -> torch.Tensor:
+                promote: bool | int | None = None, swiglu: bool = False, swiglu_order: int | None = None,
+                programs_per_sm: int = 1) -> torch.Tensor:
     """out (M, N) = (A @ B^T) * a_scale * b_scale^T, FP32 accumulation, written in ``out_dtype``.
     With swiglu=True, out (M, N / 2) = silu(G) * U where G and U are the even and odd columns of that
     product, each rounded to ``out_dtype`` first (B from ``interleave_gate_up``; N even).
@@ -337,6 +358,9 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs b with an even number of rows (gate and up interleaved), got {n}")
+    sw = 0 if not swiglu else (SWIGLU_ORDER if swiglu_order is None else swiglu_order)
+    if sw == 2 and n % 64:
+        raise ValueError(f"swiglu's quad order needs b with a multiple of 64 rows, got {n}")
     n_out = n // 2 if swiglu else n
     if out is None:
         out = torch.empty(m, n_out, dtype=out_dtype, device=a.device)
@@ -345,6 +369,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     if m == 0 or n == 0:
         return out
     cfg = config or default_config(KERNEL_NAME, m, n, k)
+    if sw == 2 and cfg.BLOCK_N % 64:
+        cfg = dataclasses.replace(cfg, BLOCK_N=64)
     a_scale = a_scale.reshape(-1).contiguous()
     b_scale = b_scale.reshape(-1).contiguous()
     use_tma = variant in ("tma", "tma_ws") or (variant == "auto" and tma_ok(m, n_out, k, out_dtype)
@@ -365,12 +391,12 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         c_d = TD.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N])
         sms = _num_sms(a.device.index or 0)
         ws = torch.empty(split, m, n, dtype=torch.float32, device=a.device) if split > 1 else None
-        grid = (min(sms, tiles * split),)
+        grid = (min(sms * programs_per_sm, tiles * split),)
         _fp8_gemm_nt_tma_kernel[grid](
             a_d, b_d, c_d, a_scale, b_scale, ws, cnt, m, n, k,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
             NUM_SMS=grid[0], PROMOTE=promote, WARP_SPECIALIZE=warp_spec and split == 1, SPLIT_K=split,
-            CHUNKS=chunks, SWIGLU=swiglu,
+            CHUNKS=chunks, SWIGLU=sw,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return out
@@ -378,6 +404,6 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     _fp8_gemm_nt_kernel[grid](
         a, b, out, a_scale, b_scale, m, n, k, chunks, a.stride(0), b.stride(0), out.stride(0),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
-        PROMOTE=promote, SWIGLU=swiglu, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PROMOTE=promote, SWIGLU=sw, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -8,7 +8,7 @@ import torch
 from fp8conv import numerics as fp8
 from fp8conv.kernels.config import KernelConfig, default_config
 from fp8conv.kernels import act_quant
-from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up, tma_ok
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up, swiglu_order, tma_ok
 from fp8conv.kernels.testing import check, poison, ref_gemm_nt
 
 MS = [1, 7, 83]
@@ -130,22 +130,27 @@ def _swiglu_ref(a, sa, w13, s13, dtype=torch.bfloat16):
     return (torch.nn.functional.silu(g) * u).to(dtype)
 
 
-@pytest.mark.parametrize("m,inter,k,variant", [(1, 20, 48, "auto"), (7, 40, 96, "auto"), (83, 64, 80, "auto"),
-                                               (83, 20, 96, "ptr"), (7, 40, 48, "tma")])
-def test_gemm_swiglu_epilogue(m, inter, k, variant):
+@pytest.mark.parametrize("m,inter,k,variant,order", [(1, 32, 48, "auto", 2), (7, 64, 96, "auto", 2),
+                                                     (83, 96, 80, "auto", 2), (83, 20, 96, "ptr", 1),
+                                                     (7, 32, 48, "tma", 2), (7, 40, 48, "tma", 1)])
+def test_gemm_swiglu_epilogue(m, inter, k, variant, order):
     """swiglu=True on gate/up weights pair-interleaved: silu(gate) * up of the rounded GEMM outputs, I
-    columns (I = 20: 40-byte rows, so "auto" takes the pointer kernel; 40 and 64 the TMA one)."""
+    columns, with the pairs in either order."""
     a, sa, g, sg = _operands(m, inter, k, seed=m + inter + k)
     _, _, u, su = _operands(m, inter, k, seed=m + inter + k + 1)
-    w13, s13 = interleave_gate_up(g, u), interleave_gate_up(sg, su)
-    assert torch.equal(w13[1::2].view(torch.uint8), u.view(torch.uint8)) and torch.equal(s13[0::2], sg)
+    w13, s13 = interleave_gate_up(g, u, order), interleave_gate_up(sg, su, order)
+    idx = swiglu_order(inter, order).to(a.device)
+    assert torch.equal(w13[1::2].view(torch.uint8), u[idx].view(torch.uint8)) and torch.equal(s13[0::2], sg[idx])
     out = poison(torch.empty(m, inter, dtype=torch.bfloat16, device=a.device))
-    fp8_gemm_nt(a, sa, w13, s13, config=SMALL if not a.is_cuda else None, variant=variant, out=out, swiglu=True)
-    check(out.cpu(), _swiglu_ref(a, sa, w13, s13).cpu(), what=f"swiglu {m}x{inter}x{k} {variant}")
+    fp8_gemm_nt(a, sa, w13, s13, config=SMALL if not a.is_cuda else None, variant=variant, out=out, swiglu=True,
+                swiglu_order=order)
+    pos = torch.argsort(idx)  # output column c comes from pair pos[c]
+    ref = _swiglu_ref(a, sa, w13, s13)[:, pos]
+    check(out.cpu(), ref.cpu(), what=f"swiglu {m}x{inter}x{k} {variant} order {order}")
     # and bit for bit what the unfused path feeds the down projection: the (M, 2I) output, then
     # act_quant's fused SwiGLU + quantization
     gu = fp8_gemm_nt(a, sa, w13, s13, config=SMALL if not a.is_cuda else None, variant=variant)
-    q0, s0 = act_quant.swiglu_quant(gu[:, 0::2].contiguous(), gu[:, 1::2].contiguous())
+    q0, s0 = act_quant.swiglu_quant(gu[:, 0::2][:, pos].contiguous(), gu[:, 1::2][:, pos].contiguous())
     q1, s1 = act_quant.per_token_quant(out)
     assert torch.equal(s0, s1) and torch.equal(q0.view(torch.uint8), q1.view(torch.uint8))
 
@@ -154,9 +159,13 @@ def test_gemm_swiglu_validation():
     a, sa, b, sb = _operands(3, 33, 48, seed=2)
     with pytest.raises(ValueError, match="even number of rows"):
         fp8_gemm_nt(a, sa, b, sb, swiglu=True)
+    with pytest.raises(ValueError, match="multiple of 64 rows"):
+        fp8_gemm_nt(a, sa, b[:32], sb[:32], swiglu=True, swiglu_order=2)
     with pytest.raises(ValueError, match=r"\(3, 16\)"):
-        fp8_gemm_nt(a, sa, b[:32], sb[:32], swiglu=True, out=torch.empty(3, 32, dtype=torch.bfloat16,
-                                                                          device=a.device))
+        fp8_gemm_nt(a, sa, b[:32], sb[:32], swiglu=True, swiglu_order=1,
+                    out=torch.empty(3, 32, dtype=torch.bfloat16, device=a.device))
+    with pytest.raises(ValueError, match="I % 32"):
+        interleave_gate_up(b[:20], b[:20], order=2)
 
 
 def test_unwritten_output_fails():
@@ -218,14 +227,18 @@ def test_gemm_swiglu_epilogue_cuda(m):
     a, sa, g, sg = _operands(m, inter, k, seed=m)
     _, _, u, su = _operands(m, inter, k, seed=m + 1)
     w13, s13 = interleave_gate_up(g, u), interleave_gate_up(sg, su)
-    ref = _swiglu_ref(a, sa, w13, s13)
+    pos = torch.argsort(swiglu_order(inter).cuda())
+    ref = _swiglu_ref(a, sa, w13, s13)[:, pos]
     for cfg in (None, KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4,
                                    SPLIT_K=2 if m <= 512 else 1)):
         for variant in ("auto", "ptr"):
             out = poison(torch.empty(m, inter, dtype=torch.bfloat16, device="cuda"))
             fp8_gemm_nt(a, sa, w13, s13, config=cfg, variant=variant, out=out, swiglu=True)
-            check(out, ref, what=f"swiglu {m} {variant} {cfg}")
+            # gate and up each carry the FP8 tensor cores' accumulation error (5.5e-4 at K = 1408 on an
+            # H100, under the 1e-3 gate); their product carries both, so this check gets twice the gate.
+            # The exact check is the next one: the same bits as the unfused path.
+            check(out, ref, tol=2 * TOL, what=f"swiglu {m} {variant} {cfg}")
             gu = fp8_gemm_nt(a, sa, w13, s13, config=cfg, variant=variant)
-            q0, s0 = act_quant.swiglu_quant(gu[:, 0::2].contiguous(), gu[:, 1::2].contiguous())
+            q0, s0 = act_quant.swiglu_quant(gu[:, 0::2][:, pos].contiguous(), gu[:, 1::2][:, pos].contiguous())
             q1, s1 = act_quant.per_token_quant(out)
             assert torch.equal(s0, s1) and torch.equal(q0.view(torch.uint8), q1.view(torch.uint8)), (m, variant, cfg)
