@@ -9,7 +9,7 @@ from fp8conv import numerics as fp8
 from fp8conv.kernels.config import KernelConfig, default_config
 from fp8conv.kernels import act_quant
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up, swiglu_order, tma_ok
-from fp8conv.kernels.testing import check, poison, ref_gemm_nt
+from fp8conv.kernels.testing import TOL, check, poison, ref_gemm_nt
 
 MS = [1, 7, 83]
 NK = [(40, 48), (33, 96), (56, 80), (128, 256)]  # N, K not multiples of the tiles
