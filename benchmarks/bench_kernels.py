@@ -236,7 +236,8 @@ def bench_mlp(m, d=1408, inter=3840, sweep=False):
     keys = list(_mlp_set(1, d, inter))
     named = [dict(zip(keys, st)) for st in sets]
     sm = silu_mul_bf16()
-    c13, _ = resolve_config("fp8_gemm", m, 2 * inter, d)
+    c13, _ = resolve_config("fp8_gemm", m, 2 * inter, d)  # the plain (M, 2I) GEMM (the path before)
+    c13s, _ = resolve_config("fp8_gemm_swiglu", m, 2 * inter, d)
     c2, _ = resolve_config("fp8_gemm", m, d, inter)
 
     def bf16_mlp(t):
@@ -248,7 +249,7 @@ def bench_mlp(m, d=1408, inter=3840, sweep=False):
         return fp8_gemm_nt(*act_quant.swiglu_quant(gu[:, :inter], gu[:, inter:]), *t["w2q"], config=c2)
 
     def fp8_now(t):
-        h = fp8_gemm_nt(*act_quant.rmsnorm_quant(t["x"], t["nw"], 1e-6), *t["pairs"], config=c13, swiglu=True)
+        h = fp8_gemm_nt(*act_quant.rmsnorm_quant(t["x"], t["nw"], 1e-6), *t["pairs"], config=c13s, swiglu=True)
         return fp8_gemm_nt(*act_quant.per_token_quant(h), *t["w2q"], config=c2)
 
     t0 = named[0]
@@ -270,7 +271,7 @@ def bench_mlp(m, d=1408, inter=3840, sweep=False):
     # the parts
     g13 = run(lambda t: fp8_gemm_nt(t["xq"], t["xs"], *t["pairs"], config=c13))
     record("mlp", "  gate/up GEMM (2I out)", m, 2 * inter, d, g13, 2 * m * 2 * inter * d, 0)
-    g13s = run(lambda t: fp8_gemm_nt(t["xq"], t["xs"], *t["pairs"], config=c13, swiglu=True))
+    g13s = run(lambda t: fp8_gemm_nt(t["xq"], t["xs"], *t["pairs"], config=c13s, swiglu=True))
     record("mlp", "  gate/up GEMM+SwiGLU (I out)", m, 2 * inter, d, g13s, 2 * m * 2 * inter * d, 0, g13,
            "plain epilogue")
     qd = run(lambda t: fp8_gemm_nt(*act_quant.per_token_quant(t["h"]), *t["w2q"], config=c2))
@@ -284,16 +285,11 @@ def bench_mlp(m, d=1408, inter=3840, sweep=False):
            "silu*up+bf16", None, {"goal": "producer", "derived": "gate/up GEMM+SwiGLU - gate/up GEMM + quant(h)+down"})
 
 
-SWIGLU_CANDIDATES = [  # (config, programs per SM)
-    (KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3), 1),
-    (KernelConfig(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, WARP_SPEC=1), 1),
-    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4), 1),
-    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3), 2),
-    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3), 2),
-    (KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, WARP_SPEC=1), 1),
-    (KernelConfig(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3), 2),
-    (KernelConfig(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3), 1),
-]
+def _swiglu_candidates():
+    kc = lambda bm, bn, w, s, ws=0, pp=1: KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8,  # noqa: E731
+                                                       num_warps=w, num_stages=s, WARP_SPEC=ws, PROGRAMS_PER_SM=pp)
+    return [kc(128, 256, 8, 3), kc(128, 256, 8, 3, ws=1), kc(128, 128, 8, 4), kc(128, 128, 8, 3, pp=2),
+            kc(128, 128, 4, 3, pp=2), kc(128, 128, 8, 4, ws=1), kc(64, 256, 4, 3, pp=2), kc(256, 128, 8, 3)]
 
 
 def sweep_swiglu(m, d, inter, sets, keys, t0):
@@ -301,14 +297,15 @@ def sweep_swiglu(m, d, inter, sets, keys, t0):
     SM: a second resident program can run its MMAs under the other's epilogue); each SwiGLU output is
     first compared bit for bit with the plain GEMM's output put through act_quant's SwiGLU."""
     ref_q = None
-    for cfg, ppsm in SWIGLU_CANDIDATES:
+    cands = _swiglu_candidates()
+    for cfg in cands:
+        ppsm = cfg.PROGRAMS_PER_SM
         tag = f"{cfg.BLOCK_M}x{cfg.BLOCK_N} w{cfg.num_warps} s{cfg.num_stages}{' ws' if cfg.WARP_SPEC else ''} {ppsm}/SM"
-        for order in ((1, 2) if cfg == SWIGLU_CANDIDATES[0][0] else (2,)):
+        for order in ((1, 2) if cfg == cands[0] else (2,)):
             key = "pairs" if order == 2 else "pairs1"
             try:
-                h = fp8_gemm_nt(t0["xq"], t0["xs"], *t0[key], config=cfg, swiglu=True, swiglu_order=order,
-                                programs_per_sm=ppsm)
-                gu = fp8_gemm_nt(t0["xq"], t0["xs"], *t0[key], config=cfg, programs_per_sm=ppsm)
+                h = fp8_gemm_nt(t0["xq"], t0["xs"], *t0[key], config=cfg, swiglu=True, swiglu_order=order)
+                gu = fp8_gemm_nt(t0["xq"], t0["xs"], *t0[key], config=cfg)
                 pos = torch.argsort(gemm_mod.swiglu_order(inter, order).cuda())  # column c's pair
                 q0, s0 = act_quant.swiglu_quant(gu[:, 0::2][:, pos].contiguous(), gu[:, 1::2][:, pos].contiguous())
                 q1, s1 = act_quant.per_token_quant(h)
@@ -318,16 +315,14 @@ def sweep_swiglu(m, d, inter, sets, keys, t0):
                 err = checked(q1.float(), ref_q.float(), f"sweep {tag}", tol=0.05)
                 us = time_us(lambda *st, c=cfg, k=key, o=order: fp8_gemm_nt(
                     st[keys.index("xq")], st[keys.index("xs")], *st[keys.index(k)], config=c, swiglu=True,
-                    swiglu_order=o, programs_per_sm=ppsm), sets)
+                    swiglu_order=o), sets)
                 plain = time_us(lambda *st, c=cfg, k=key: fp8_gemm_nt(
-                    st[keys.index("xq")], st[keys.index("xs")], *st[keys.index(k)], config=c,
-                    programs_per_sm=ppsm), sets)
+                    st[keys.index("xq")], st[keys.index("xs")], *st[keys.index(k)], config=c), sets)
             except Exception as exc:  # out of resources etc.
                 print(f"  sweep {tag} order {order}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
             record("mlp", f"sweep swiglu o{order} {tag}", m, 2 * inter, d, us, 2 * m * 2 * inter * d, 0, plain,
-                   "plain epilogue", err, {"sweep": True, "bit_exact_vs_unfused": same, "config": cfg.to_dict(),
-                                           "programs_per_sm": ppsm})
+                   "plain epilogue", err, {"sweep": True, "bit_exact_vs_unfused": same, "config": cfg.to_dict()})
 
 
 def sweep_quant(name, m, k, sets, nw):

@@ -6,8 +6,9 @@ Dispatch, per call:
 - ``norm_linears`` (the self-attention's q, k, v): all ``channel`` -> one fused RMSNorm + quantization
   of x and one GEMM against the weights side by side (concatenated at first use). Else per-Linear.
 - ``swiglu_mlp``: all three ``channel`` -> one quantization of x, one GEMM for gate and up together
-  (weights pair-interleaved at first use) with SwiGLU in its epilogue, so only the (M, I) product
-  reaches memory, its per-token quantization, the down GEMM. Else per-Linear.
+  (weights pair-interleaved at first use, fp8_gemm.interleave_gate_up) with SwiGLU in its epilogue (configs
+  of "fp8_gemm_swiglu"), so only the (M, I) product reaches memory, its per-token quantization, the down
+  GEMM. Else per-Linear.
 - ``experts``: block-FP8 experts -> the grouped pipeline (grouped_gemm.fused_experts) on weights
   packed at first use for the layout of grouped_gemm.expert_layout (on Hopper with Triton 3.6 the Gluon
   kernels, configs of "fp8_grouped_gemm_gluon"; elsewhere the tl.dot sorted layout where rows are
@@ -87,12 +88,11 @@ class TritonBackend(ReferenceBackend):
     def _channel_fp8(*ws: Linear) -> bool:
         return all(w.scheme == "channel" and w.weight.dtype == torch.float8_e4m3fn for w in ws)
 
-    def _gemm(self, q, s, w: Linear | tuple, out_dtype, swiglu: bool = False):
+    def _gemm(self, q, s, w: Linear | tuple, out_dtype):
         weight, scale = (w.weight, w.scale) if isinstance(w, Linear) else w
         m, k = q.shape
         n = weight.shape[0]
-        return fp8_gemm_nt(q, s, weight, scale, out_dtype, config=self._config("fp8_gemm", m, n, k),
-                           swiglu=swiglu)
+        return fp8_gemm_nt(q, s, weight, scale, out_dtype, config=self._config("fp8_gemm", m, n, k))
 
     # -- dense layers -----------------------------------------------------------------------------
     def linear(self, x: torch.Tensor, w: Linear) -> torch.Tensor:
@@ -140,12 +140,17 @@ class TritonBackend(ReferenceBackend):
             self.calls["swiglu_mlp.split"] += 1
             return super().swiglu_mlp(x, gate, up, down)  # per-Linear dispatch
         self.calls["swiglu_mlp.fp8"] += 1
+        inter = gate.weight.shape[0]
+        order = 2 if inter % 32 == 0 else 1  # fp8_gemm.SWIGLU_ORDER: the quad order where it applies
         w13 = self._cached((gate, up), lambda: (
-            interleave_gate_up(gate.weight, up.weight),
-            interleave_gate_up(gate.scale.reshape(-1, 1).float(), up.scale.reshape(-1, 1).float())), "pairs")
+            interleave_gate_up(gate.weight, up.weight, order),
+            interleave_gate_up(gate.scale.reshape(-1, 1).float(), up.scale.reshape(-1, 1).float(), order)), "pairs")
         x2 = x.reshape(-1, x.shape[-1])
         q, s = act_quant.per_token_quant(x2)
-        h = self._gemm(q, s, w13, x.dtype, swiglu=True)  # (M, I): silu(gate) * up, rounded as unfused
+        m, k = q.shape
+        # (M, I): silu(gate) * up, rounded as the unfused path rounds it
+        h = fp8_gemm_nt(q, s, *w13, x.dtype, config=self._config("fp8_gemm_swiglu", m, 2 * inter, k), swiglu=True,
+                        swiglu_order=order)
         hq, hs = act_quant.per_token_quant(h)
         return self._gemm(hq, hs, down, x.dtype).reshape(*x.shape[:-1], -1)
 

@@ -20,6 +20,10 @@ class KernelConfig:
     # fp8_gemm's TMA kernel only: 1 = Triton's warp specialisation of the persistent loop (producer and
     # consumer warps); an entry written before this field existed reads as 0
     WARP_SPEC: int = 0
+    # fp8_gemm's TMA kernel only: resident programs per SM of its persistent grid (2: one program's
+    # MMAs run under the other's epilogue, as the SwiGLU epilogue needs); an entry written before this
+    # field existed reads as 1
+    PROGRAMS_PER_SM: int = 1
 
     def __post_init__(self) -> None:
         for k, v in asdict(self).items():
@@ -77,6 +81,12 @@ def group_tiles(k: int, group: int = 128) -> tuple[int, int]:
 #   warpgroups and a TMA warp); BLOCK_N 256 for gate/up (two 128-row items), 64 or 128 for down. Both
 #   GEMMs of a layer share the rows' alignment (the lcm of their BLOCK_Ms), so the tuner varies BLOCK_M
 #   only between 64 and the default's.
+# fp8_gemm_swiglu (fp8_gemm with the SwiGLU epilogue, the dense MLP's gate/up GEMM): BLOCK_N a
+#   multiple of 64 (the quad order of the packed weight); otherwise fp8_gemm's fields and defaults, except
+#   from M > 1024: 128 x 128 tiles, 4 warps, 3 stages and two programs per SM. The epilogue's sigmoid
+#   (two MUFU operations an element) is ~12% of the GEMM when it stalls the tensor cores; a second
+#   program's MMAs run under it (H100 at 16384 x 7680 x 1408: 331 us against 345 for fp8_gemm's
+#   default tile with the SwiGLU epilogue and 325 for the plain GEMM; docs/benchmarks.md, eleventh run).
 # act_quant: BLOCK_M = rows per program (power of two), num_warps; the other fields are unused.
 # topk (kernels/topk.py; m = rows R, n = row length C, k = k): BLOCK_N = elements per program chunk of
 #   the multi-program path (rows longer than topk.SMALL_C), a power of two between 16K and 1M chosen so
@@ -100,11 +110,16 @@ def _is_gate_up(n: int, k: int, gate_up: bool | None) -> bool:
 
 
 def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
-    """The documented default for ``kernel`` ("fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon",
+    """The documented default for ``kernel`` ("fp8_gemm", "fp8_gemm_swiglu", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon",
     "act_quant", "topk") at
     M tokens (rows per expert for the grouped GEMM: total rows / experts), N outputs, K inputs.
     gate_up: for the grouped GEMM, whether this is the fused gate/up GEMM (None: guessed as n > k,
     true of the packed [E, 2*I, d] weight whenever 2*I > d; callers that know should say)."""
+    if kernel == "fp8_gemm_swiglu":
+        if m > 1024:
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3,
+                                PROGRAMS_PER_SM=2)
+        return default_config("fp8_gemm", m, n, k)  # BLOCK_N 64 or 128 there
     if kernel == "fp8_gemm":
         if m <= 64:
             return KernelConfig(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
@@ -167,7 +182,7 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         per_prog = -(-max(1, m) * max(1, n) // 1024)
         chunk = 1 << max(14, min(20, (per_prog - 1).bit_length()))
         return KernelConfig(BLOCK_M=1, BLOCK_N=chunk, BLOCK_K=2048, GROUP_M=1, num_warps=8, num_stages=1)
-    raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_grouped_gemm', "
+    raise ValueError(f"unknown kernel {kernel!r}; expected 'fp8_gemm', 'fp8_gemm_swiglu', 'fp8_grouped_gemm', "
                      f"'fp8_grouped_gemm_gluon', 'act_quant' or 'topk'")
 
 
@@ -194,6 +209,12 @@ def resolve_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
         cfg, src = got, "tuned"
     if isinstance(cfg, dict):
         cfg = KernelConfig.from_dict(cfg)
+    if kernel == "fp8_gemm_swiglu" and cfg.BLOCK_N % 64:  # the quad order: not a config the kernel takes
+        import warnings
+
+        warnings.warn(f"tuning cache: {kernel} (m={m}, n={n}, k={k}) holds BLOCK_N {cfg.BLOCK_N}, not a multiple "
+                      f"of 64; using the default")
+        return default_config(kernel, m, n, k), "default"
     if kernel == "fp8_grouped_gemm_gluon":  # a cached config the kernel cannot run is not trusted either
         from fp8conv.kernels.grouped_gemm import gluon_config_ok
 

@@ -280,12 +280,22 @@ def tma_ok(m: int, n: int, k: int, out_dtype: torch.dtype) -> bool:
     return _tensor_descriptor() is not None and k % 16 == 0 and (n * torch.empty((), dtype=out_dtype).element_size()) % 16 == 0
 
 
-SWIGLU_ORDER = 2  # experiment switch: 1 = plain pairs, 2 = quad order
+KERNEL_NAME_SWIGLU = "fp8_gemm_swiglu"  # its configs (tuning cache, defaults) are its own
+# The order of the (gate, up) pairs in the packed weight. 2, the quad order (the default): within each 32
+# pairs, pair 4 * c8 + q computes output column 8 * q + c8, so that after the split a wgmma accumulator
+# thread (which holds columns 8 * c8 + 2q and + 1 of each 64) holds 8 contiguous output columns: 16-byte
+# shared-memory stores in the epilogue (16 STS.128 per thread at 128 x 256, against 64 STS.U16 and 8
+# STS.128 in pair order; Triton 3.6, sm_90a). Needs I % 32 == 0 and BLOCK_N % 64 == 0 (the launcher
+# narrows a config's BLOCK_N to 64 where it is not). 1: plain pairs (pair j computes column j), any I,
+# any BLOCK_N: what the backend packs where I % 32 != 0. Times: docs/benchmarks.md, eleventh run.
+SWIGLU_ORDER = 2
 
 
 def swiglu_order(inter: int, order: int | None = None) -> torch.Tensor:
-    """Which output column each (gate, up) pair of the packed weight computes."""
+    """Which output column each (gate, up) pair of the packed weight computes (see SWIGLU_ORDER)."""
     order = SWIGLU_ORDER if order is None else order
+    if order not in (1, 2):
+        raise ValueError(f"swiglu order must be 1 (pairs) or 2 (quad order), got {order!r}")
     if order == 1:
         return torch.arange(inter)
     if inter % 32:
@@ -331,11 +341,13 @@ def _check(a, a_scale, b, b_scale, out_dtype):
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                 out_dtype: torch.dtype = torch.bfloat16, config: KernelConfig | None = None,
                 variant: str = "auto", out: torch.Tensor | None = None,
-                promote: bool | int | None = None, swiglu: bool = False, swiglu_order: int | None = None,
-                programs_per_sm: int = 1) -> torch.Tensor:
+                promote: bool | int | None = None, swiglu: bool = False,
+                swiglu_order: int | None = None) -> torch.Tensor:
     """out (M, N) = (A @ B^T) * a_scale * b_scale^T, FP32 accumulation, written in ``out_dtype``.
     With swiglu=True, out (M, N / 2) = silu(G) * U where G and U are the even and odd columns of that
-    product, each rounded to ``out_dtype`` first (B from ``interleave_gate_up``; N even).
+    product, each rounded to ``out_dtype`` first, pair p written to column swiglu_order(N / 2)[p] (B and
+    b_scale from ``interleave_gate_up`` with the same ``swiglu_order``, default SWIGLU_ORDER). Its
+    default config is "fp8_gemm_swiglu"'s.
 
     a:       (M, K) float8_e4m3fn, unit column stride (any row stride; TMA wants it contiguous).
     a_scale: (M, 1) float32, contiguous (per token).
@@ -368,8 +380,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         raise ValueError(f"out must be a contiguous ({m}, {n_out}) {out_dtype} tensor")
     if m == 0 or n == 0:
         return out
-    cfg = config or default_config(KERNEL_NAME, m, n, k)
-    if sw == 2 and cfg.BLOCK_N % 64:
+    cfg = config or default_config(KERNEL_NAME_SWIGLU if swiglu else KERNEL_NAME, m, n, k)
+    if sw == 2 and cfg.BLOCK_N % 64:  # the quad order is per 64 columns of B
         cfg = dataclasses.replace(cfg, BLOCK_N=64)
     a_scale = a_scale.reshape(-1).contiguous()
     b_scale = b_scale.reshape(-1).contiguous()
@@ -391,7 +403,7 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         c_d = TD.from_tensor(out, [cfg.BLOCK_M, cfg.BLOCK_N // 2 if swiglu else cfg.BLOCK_N])
         sms = _num_sms(a.device.index or 0)
         ws = torch.empty(split, m, n, dtype=torch.float32, device=a.device) if split > 1 else None
-        grid = (min(sms * programs_per_sm, tiles * split),)
+        grid = (min(sms * cfg.PROGRAMS_PER_SM, tiles * split),)
         _fp8_gemm_nt_tma_kernel[grid](
             a_d, b_d, c_d, a_scale, b_scale, ws, cnt, m, n, k,
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,

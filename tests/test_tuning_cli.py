@@ -48,7 +48,7 @@ def test_show_lists_the_cache_and_each_shapes_level(tmp_path, capsys):
     here = triton.__version__
     cache.write(d, cache.CacheFile(H100, "fp8_gemm", 128, 128, {32: _entry(32, here)}))  # q/o: exact at 32
     cache.write(d, cache.CacheFile(H100, "fp8_gemm", 64, 128, {32: _entry(32, "0.0-other")}))  # k/v: other
-    bad = cache.cache_path(d, H100, "fp8_gemm", 640, 128)
+    bad = cache.cache_path(d, H100, "fp8_gemm_swiglu", 640, 128)
     bad.write_text("{oops")
     import warnings
 
@@ -65,7 +65,7 @@ def test_show_lists_the_cache_and_each_shapes_level(tmp_path, capsys):
     assert levels[("fp8_gemm", 128, 128, 32)] == "exact"
     assert levels[("fp8_gemm", 128, 128, 16384)] == "nearest"
     assert levels[("fp8_gemm", 64, 128, 32)] == "other-triton"
-    assert levels[("fp8_gemm", 640, 128, 32)] == "default"  # the corrupt file is not trusted
+    assert levels[("fp8_gemm_swiglu", 640, 128, 32)] == "default"  # the corrupt file is not trusted
     assert main(["tune", "--show", "--preset", "tiny", "--cache", str(d), "--device", H100]) == 0
     err = capsys.readouterr().err
     assert "SKIPPED" in err and "DEFAULT" in err and "other-triton" in err
@@ -78,16 +78,22 @@ def test_show_lists_the_cache_and_each_shapes_level(tmp_path, capsys):
     Problem("fp8_gemm", 80, 96, 7, rows=7),  # unaligned N, K
     Problem("fp8_grouped_gemm", 256, 128, 3, rows=16, experts=4, top_k=2, swiglu=True),
     Problem("fp8_grouped_gemm", 128, 192, 3, rows=16, experts=4, top_k=2, swiglu=False),
-], ids=["gemm", "gate_up", "down"])
+    Problem("fp8_gemm_swiglu", 128, 96, 7, rows=7),  # I = 64: the quad order
+    Problem("fp8_gemm_swiglu", 80, 96, 7, rows=7),  # I = 40: pairs
+], ids=["gemm", "gate_up", "down", "swiglu_quad", "swiglu_pairs"])
 def test_kernel_bench_checks_real_kernels_and_catches_unwritten_output(p):
     from fp8conv.tuning import gpu, search
 
     bench = gpu.KernelBench("cpu")
+    dense = p.kernel in ("fp8_gemm", "fp8_gemm_swiglu")
     bn = 256 if p.swiglu else 64
-    good = KernelConfig(BLOCK_M=16 if p.kernel != "fp8_gemm" else 32, BLOCK_N=bn, BLOCK_K=128 if p.kernel != "fp8_gemm" else 64,
+    good = KernelConfig(BLOCK_M=32 if dense else 16, BLOCK_N=bn, BLOCK_K=64 if dense else 128,
                         GROUP_M=1, num_warps=4, num_stages=2)
     res = search.search(p, [good], bench, lambda f: gpu.wall_timer(f, reps=1))
     assert res.trials[0].status == "ok", res.trials[0].message
+    entry = res.entry("3.6.0", "2.11.0")  # the gate it was held to is recorded with it
+    assert entry.checked["tolerance"] == (gpu.SWIGLU_TOL if p.swiglu_gemm else search.TOL)
+    assert (entry.checked["metric"] == gpu.SWIGLU_METRIC) == p.swiglu_gemm
 
     class Lazy(gpu.KernelBench):  # a "kernel" that writes nothing: the poisoned output must fail it
         def _launch(self, cfg, j):

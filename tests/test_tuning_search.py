@@ -223,3 +223,28 @@ def test_topk_search_loop_writes_what_the_lookup_and_the_backend_then_use(tmp_pa
     out = search.run_targets([p], tmp_path, DEV, bench2, fake_timer, lambda q: list(table), triton="3.6.0",
                              torch="2.11.0")
     assert out[0].status == "resumed" and bench2.setups == []
+
+
+def test_swiglu_gemm_candidates_fit_and_include_two_programs_per_sm():
+    """fp8_gemm_swiglu's space: BLOCK_N a multiple of 64 (its quad order), and configs with two resident
+    programs per SM only where two fit the SM's shared memory and registers; plain fp8_gemm never gets
+    PROGRAMS_PER_SM > 1."""
+    from fp8conv.kernels.config import KernelConfig, default_config
+    from fp8conv.tuning import candidates
+
+    lim = candidates.H100
+    p = Problem("fp8_gemm_swiglu", 7680, 1408, 16384, rows=16384)
+    cands = candidates.candidates(p, lim, keep=24)
+    assert cands[0] == default_config("fp8_gemm_swiglu", 16384, 7680, 1408) and cands[0].PROGRAMS_PER_SM == 2
+    assert all(c.BLOCK_N % 64 == 0 for c in cands)
+    assert any(c.PROGRAMS_PER_SM == 2 for c in cands[1:]) and any(c.PROGRAMS_PER_SM == 1 for c in cands[1:])
+    for c in cands:
+        assert candidates.fits(p, c, lim) is None
+        assert c.PROGRAMS_PER_SM * (candidates.shared_bytes(p, c) + candidates.RESERVED_SHARED) <= lim.max_shared_sm
+    # the shipped default fits twice (3 x 32 KiB ring + the 128 x 64 bf16 output tile), 4 stages do not
+    two = KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4, PROGRAMS_PER_SM=2)
+    assert "programs per SM" in candidates.fits(p, two, lim)
+    plain = Problem("fp8_gemm", 7680, 1408, 16384, rows=16384)
+    assert all(c.PROGRAMS_PER_SM == 1 for c in candidates.candidates(plain, lim, keep=24))
+    assert "fp8_gemm's field only" in candidates.fits(Problem("fp8_grouped_gemm", 2816, 1408, 900, rows=49152,
+                                                              experts=53, top_k=3, swiglu=True), two, lim)

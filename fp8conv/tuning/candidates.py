@@ -23,9 +23,11 @@ import math
 from dataclasses import dataclass
 
 from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config
-from fp8conv.tuning.shapes import GROUPED, Problem
+from fp8conv.tuning.shapes import GEMMS, GROUPED, Problem
 
 ACC_REGS_BUDGET = 160  # fp32 accumulator registers per thread beyond which spills start (docs/kernels.md)
+RESERVED_SHARED = 1024  # bytes of shared memory the driver keeps per resident block (sm_90)
+MUFU_CLOCK_HZ = 1.755e9  # the H100 SXM's boost clock, for the special-function throughput in the cost model
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class Limits:
     name: str
     sms: int
     max_shared: int  # bytes per block (opt-in maximum)
-    max_regs: int  # 32-bit registers per block
+    max_regs: int  # 32-bit registers per block (and per SM)
+    max_shared_sm: int = 233472  # bytes per SM, for programs that share one (PROGRAMS_PER_SM > 1)
     fp8_tflops: float = 1979.0  # dense FP8 tensor-core peak (H100 SXM)
     hbm_gbps: float = 3350.0
     l2_gbps: float = 10000.0
@@ -62,8 +65,10 @@ def device_limits(device_index: int | None = None) -> Limits:
     except Exception:  # noqa: BLE001 - Triton's driver API moves between versions; torch's numbers stand
         pass
     sms = props.multi_processor_count
+    per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or H100.max_shared_sm
     return Limits(props.name, sms=sms, max_shared=int(shared or H100.max_shared),
-                  max_regs=int(regs or H100.max_regs), fp8_tflops=H100.fp8_tflops * sms / H100.sms,
+                  max_regs=int(regs or H100.max_regs), max_shared_sm=int(per_sm),
+                  fp8_tflops=H100.fp8_tflops * sms / H100.sms,
                   hbm_gbps=4800.0 if "H200" in props.name else H100.hbm_gbps)
 
 
@@ -75,6 +80,8 @@ def _space(p: Problem):
     # takes BLOCK_M 64 or 128 (its alignment), BLOCK_K 128 only, and BLOCK_N 256 for the fused gate/up
     if p.kernel == "fp8_gemm":
         return itertools.product((64, 128, 256), (32, 64, 128, 256), (64, 128, 256), (1, 8), (4, 8), (2, 3, 4, 5))
+    if p.kernel == "fp8_gemm_swiglu":  # BLOCK_N a multiple of 64 (the quad order of its packed weight)
+        return itertools.product((64, 128, 256), (64, 128, 256), (64, 128, 256), (1, 8), (4, 8), (2, 3, 4, 5))
     if p.kernel == "fp8_grouped_gemm":
         bns = (256,) if p.swiglu else (64, 128, 256)
         return itertools.product((64, 128), bns, (128,), (1, 8), (4, 8), (2, 3, 4, 5))
@@ -108,7 +115,7 @@ def shared_bytes(p: Problem, c: KernelConfig) -> int:
         return c.num_stages * (c.BLOCK_M + bn) * c.BLOCK_K + out
     bn = c.BLOCK_N // 2 if _sorted_gate_up(p) else c.BLOCK_N
     ring = c.num_stages * (c.BLOCK_M + bn) * c.BLOCK_K
-    epilogue = c.BLOCK_M * c.BLOCK_N * 2 if p.kernel == "fp8_gemm" else 0
+    epilogue = {"fp8_gemm": c.BLOCK_M * c.BLOCK_N * 2, "fp8_gemm_swiglu": c.BLOCK_M * c.BLOCK_N}.get(p.kernel, 0)
     return ring + epilogue
 
 
@@ -128,6 +135,10 @@ def fits(p: Problem, c: KernelConfig, lim: Limits) -> str | None:
         return _topk_fits(p, c, lim)
     if shared_bytes(p, c) > lim.max_shared:
         return f"shared memory {shared_bytes(p, c)} > {lim.max_shared}"
+    pp = c.PROGRAMS_PER_SM
+    if pp > 1 and (p.kernel not in GEMMS or pp * (shared_bytes(p, c) + RESERVED_SHARED) > lim.max_shared_sm):
+        return f"{pp} programs per SM: shared memory {pp} x {shared_bytes(p, c) + RESERVED_SHARED} > " \
+               f"{lim.max_shared_sm}" if p.kernel in GEMMS else "programs per SM: fp8_gemm's field only"
     if p.kernel == "fp8_grouped_gemm_gluon":  # its register use is fixed by the form (gluon_config_ok)
         from fp8conv.kernels.grouped_gemm import gluon_config_ok
 
@@ -135,8 +146,8 @@ def fits(p: Problem, c: KernelConfig, lim: Limits) -> str | None:
     if acc_regs(p, c) > ACC_REGS_BUDGET:
         return f"accumulator needs {acc_regs(p, c)} registers per thread"
     # the accumulator plus ~64 registers of addresses, scales and loop state, for every thread
-    if (acc_regs(p, c) + 64) * 32 * c.num_warps > lim.max_regs:
-        return f"registers per block > {lim.max_regs}"
+    if (acc_regs(p, c) + 64) * 32 * c.num_warps * pp > lim.max_regs:
+        return f"registers per {'block' if pp == 1 else f'{pp} blocks'} > {lim.max_regs}"
     if c.BLOCK_M * c.BLOCK_N < 64 * 64 and c.num_warps > 4:
         return "too many warps for the tile"
     return None
@@ -159,11 +170,12 @@ def candidates(p: Problem, lim: Limits, keep: int = 24, slack: float = 2.0) -> l
     pool = []
     for bm, bn, bk, gm, w, s in _space(p):
         for split in _splits(p, bm, bn, bk, lim):
-            for ws in (0, 1) if (split == 1 and p.kernel == "fp8_gemm" and p.k >= PROMOTE_MIN_K) else (0,):
-                c = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s,
-                                 SPLIT_K=split, WARP_SPEC=ws)
-                if c != default and fits(p, c, lim) is None and _relevant(p, c):
-                    pool.append(c)
+            for ws in (0, 1) if (split == 1 and p.kernel in GEMMS and p.k >= PROMOTE_MIN_K) else (0,):
+                for pp in (1, 2) if (split == 1 and p.kernel == "fp8_gemm_swiglu") else (1,):
+                    c = KernelConfig(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=w, num_stages=s,
+                                     SPLIT_K=split, WARP_SPEC=ws, PROGRAMS_PER_SM=pp)
+                    if c != default and fits(p, c, lim) is None and _relevant(p, c):
+                        pool.append(c)
     est = {c: estimate_us(p, c, lim) for c in pool}
     pool.sort(key=lambda c: (est[c], -c.GROUP_M, c.num_stages))
     if pool:
@@ -180,7 +192,7 @@ def _splits(p: Problem, bm: int, bn: int, bk: int, lim: Limits) -> tuple[int, ..
     alone fill less than half the SMs and every split keeps at least two K steps. Measured on an H100
     at M = 32 (docs/benchmarks.md): a split of 2 helps the K = 3840 GEMM (7.3 -> 6.8 us), more splits
     or shorter K only add the fix-up."""
-    if p.kernel != "fp8_gemm":
+    if p.kernel not in GEMMS:
         return (1,)
     tiles = math.ceil(p.m / bm) * math.ceil(p.n / bn)
     steps = math.ceil(p.k / bk)
@@ -199,7 +211,8 @@ def _diverse(ranked: list[KernelConfig], keep: int) -> list[KernelConfig]:
     by up to 1.5x at equal tiles), then the second best of each, ..."""
     by_tile: dict[tuple, list[KernelConfig]] = {}
     for c in ranked:
-        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.SPLIT_K, c.WARP_SPEC), []).append(c)
+        by_tile.setdefault((c.BLOCK_M, c.BLOCK_N, c.BLOCK_K, c.GROUP_M, c.SPLIT_K, c.WARP_SPEC, c.PROGRAMS_PER_SM),
+                           []).append(c)
     out: list[KernelConfig] = []
     for rank in itertools.count():
         row = [cs[rank] for cs in by_tile.values() if rank < len(cs)]
@@ -225,7 +238,7 @@ def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
     else:
         rows_padded = math.ceil(p.m / bm) * bm
         weight_bytes = p.n * p.k
-    split = c.SPLIT_K if p.kernel == "fp8_gemm" else 1
+    split = c.SPLIT_K if p.kernel in GEMMS else 1
     tiles = (rows_padded // bm) * math.ceil(p.n / bn) * split
     k_steps = math.ceil(math.ceil(p.k / bk) / split)
     sm_flops = lim.fp8_tflops * 1e12 / lim.sms
@@ -234,7 +247,10 @@ def estimate_us(p: Problem, c: KernelConfig, lim: Limits) -> float:
     compute = 2.0 * bm * bn * bk * k_steps / (sm_flops * max(mma_eff, 0.05))
     load = (bm + bn) * bk * k_steps / (lim.l2_gbps * 1e9 / lim.sms)
     tile = max(compute, load) if c.num_stages >= 3 else compute + 0.5 * load
-    tile += bm * bn * 2 / (lim.l2_gbps * 1e9 / lim.sms)  # epilogue store
+    swiglu = p.kernel == "fp8_gemm_swiglu"
+    tile += bm * bn * (1 if swiglu else 2) / (lim.l2_gbps * 1e9 / lim.sms)  # epilogue store
+    if swiglu and c.PROGRAMS_PER_SM == 1:  # its sigmoid, 2 MUFU operations an output (16 a clock per SM),
+        tile += bm * bn / 2 * 2 / (16 * MUFU_CLOCK_HZ)  # stalls the tensor cores unless a second program runs
     if split > 1:  # FP32 partial written, read back by the last split, and its arrival latency
         tile += bm * bn * 4 * 2 / (lim.l2_gbps * 1e9 / lim.sms) + 1e-6
     tile += k_steps * 40e-9 / max(1, c.num_stages - 1)  # per-K-step latency not hidden by the ring

@@ -27,9 +27,13 @@ import torch.nn.functional as F
 from fp8conv import metrics
 from fp8conv import numerics as fp8
 from fp8conv.kernels.config import KernelConfig
-from fp8conv.tuning.shapes import GROUPED, Problem
+from fp8conv.tuning.shapes import GEMMS, GROUPED, Problem
 
 OUT_DTYPE = torch.bfloat16
+# fp8_gemm_swiglu: silu(gate) * up of two GEMM outputs, each within fp8_gemm's 1e-3 of the float32
+# reference; their product carries both errors (H100: up to ~1.1e-3 at K = 1408), so twice the gate
+SWIGLU_METRIC = "mean|out-ref|/mean|ref| of silu(gate) * up (gate and up: the float32 GEMM rounded to bf16)"
+SWIGLU_TOL = 2e-3
 TOPK_METRIC = "exact top-k (values == torch.topk's, distinct indices gathering them): 0 exact, inf not"
 
 
@@ -140,10 +144,12 @@ class KernelBench:
     # generic ------------------------------------------------------------------------------------
     def setup(self, p: Problem) -> None:
         self.p, self._s = p, {}
-        self.metric = TOPK_METRIC if p.kernel == "topk" else None  # None: search.METRIC
+        self.metric = {"topk": TOPK_METRIC, "fp8_gemm_swiglu": SWIGLU_METRIC}.get(p.kernel)  # None: search.METRIC
+        self.tol = SWIGLU_TOL if p.kernel == "fp8_gemm_swiglu" else None  # None: search's
         torch.manual_seed(self.seed)
-        if p.kernel == "fp8_gemm":
-            self.baseline_name = "torch._scaled_mm (rowwise)"
+        if p.kernel in GEMMS:
+            self.baseline_name = "torch._scaled_mm (rowwise)" + (" of the (M, 2I) GEMM, no SwiGLU" if p.swiglu_gemm
+                                                                 else "")
             self._setup_gemm(p)
         elif p.kernel in GROUPED:
             self.baseline_name = "torch._grouped_mm (bf16)"
@@ -165,7 +171,7 @@ class KernelBench:
         s, p = self._s, self.p
         if p.kernel == "topk":
             return _topk_error(s["x"], out, s["ref_v"])
-        if p.kernel == "fp8_gemm":
+        if p.kernel in GEMMS:
             return metrics.mean_rel_error(out, s["ref"])
         sid = s["align"][s["last_bm"]][0]
         valid = sid < s["rows"]
@@ -202,7 +208,7 @@ class KernelBench:
         if self.p.kernel == "topk":
             x, k = s["x"], self.p.k
             return lambda: torch.topk(x, k, dim=-1, sorted=True)
-        if self.p.kernel == "fp8_gemm":
+        if self.p.kernel in GEMMS:
             a, sa = s["a"], s["sa"]
             ws = s["w"]
             return _Rotating(lambda j: torch._scaled_mm(a, ws[j][0].t(), scale_a=sa, scale_b=ws[j][1].view(1, -1),
@@ -230,7 +236,15 @@ class KernelBench:
         s.update(a=a, sa=sa, copies=copies,
                  w=[(b, sb)] + [(b.clone(), sb.clone()) for _ in range(copies - 1)])
         s["ref"] = ((a.float() * sa) @ (b.float() * sb).t()).to(OUT_DTYPE)
-        s["out"] = torch.empty(p.m, p.n, device=dev, dtype=OUT_DTYPE)
+        if p.swiglu_gemm:  # b's rows are (gate, up) pairs in the backend's order (fp8_gemm.swiglu_order)
+            from fp8conv.kernels.fp8_gemm import swiglu_order
+
+            inter = p.n // 2
+            s["order"] = 2 if inter % 32 == 0 else 1
+            g, u = s["ref"].float()[:, 0::2], s["ref"].float()[:, 1::2]
+            pos = torch.argsort(swiglu_order(inter, s["order"]).to(dev))  # column c comes from pair pos[c]
+            s["ref"] = (torch.nn.functional.silu(g) * u).to(OUT_DTYPE)[:, pos]
+        s["out"] = torch.empty(p.m, p.n // 2 if p.swiglu_gemm else p.n, device=dev, dtype=OUT_DTYPE)
 
     def _launch(self, cfg: KernelConfig, j: int):
         s, p = self._s, self.p
@@ -238,10 +252,13 @@ class KernelBench:
             from fp8conv.kernels.topk import topk
 
             return topk(s["x"], p.k, config=cfg)
-        if p.kernel == "fp8_gemm":
+        if p.kernel in GEMMS:
             from fp8conv.kernels.fp8_gemm import fp8_gemm_nt
 
             b, sb = s["w"][j]
+            if p.swiglu_gemm:
+                return fp8_gemm_nt(s["a"], s["sa"], b, sb, OUT_DTYPE, config=cfg, out=s["out"], swiglu=True,
+                                   swiglu_order=s["order"])
             return fp8_gemm_nt(s["a"], s["sa"], b, sb, OUT_DTYPE, config=cfg, out=s["out"])
         from fp8conv.kernels.grouped_gemm import grouped_gemm_block_fp8, grouped_gemm_sorted
 
@@ -258,7 +275,7 @@ class KernelBench:
     def _outputs(self, cfg: KernelConfig) -> tuple:
         if self.p.kernel == "topk":  # topk() takes no output buffers: each launch returns fresh ones,
             return ()  # so nothing of an earlier candidate's answer can be inherited (nothing to poison)
-        if self.p.kernel == "fp8_gemm":
+        if self.p.kernel in GEMMS:
             return (self._s["out"],)
         out = self._aligned(cfg.BLOCK_M)[4]
         return out if isinstance(out, tuple) else (out,)

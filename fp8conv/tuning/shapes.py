@@ -8,7 +8,8 @@ The shapes follow what the runtime (fp8conv.runtime.model, beam.py) and the Trit
   self-attention K/V): each step computes only the new position, so every decoder Linear sees
   M_t = N_t tokens. The heads see N_t rows; the context projection sees batch x context tokens once.
 - ``channel`` Linears -> "fp8_gemm" with the [N, K] weight; a SwiGLU whose gate, up and down are all
-  ``channel`` runs gate and up as one GEMM with N = 2 x width (the backend concatenates them).
+  ``channel`` runs gate and up as one GEMM with N = 2 x width and SwiGLU in its epilogue,
+  "fp8_gemm_swiglu" (the backend interleaves them).
 - ``block`` routed experts -> "fp8_grouped_gemm": gate/up packed as [E, 2 x Ip, d] (Ip = width rounded up
   to 128) and down [E, d, I] (both "fp8_grouped_gemm_gluon" where the backend runs them in Gluon: a
   Hopper GPU here and rows 16-byte aligned, grouped_gemm.expert_layout); the config is looked up by
@@ -34,7 +35,8 @@ from fp8conv.errors import UserError
 from fp8conv.tuning.cache import bucket
 
 BLOCK = 128
-TUNABLE = ("fp8_gemm", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon", "topk")
+TUNABLE = ("fp8_gemm", "fp8_gemm_swiglu", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon", "topk")
+GEMMS = ("fp8_gemm", "fp8_gemm_swiglu")  # the dense FP8 GEMM, plain and with the SwiGLU epilogue
 GROUPED = ("fp8_grouped_gemm", "fp8_grouped_gemm_gluon")
 
 # the built-in OneRec-V2 recipe's schemes (DESIGN, "FP8 numerics"), for checkpoints without FP8 weights
@@ -59,6 +61,11 @@ class Problem:
     top_k: int = 0
     swiglu: bool = False  # grouped gate/up with the fused SwiGLU epilogue
     uses: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def swiglu_gemm(self) -> bool:
+        """The dense gate/up GEMM with SwiGLU in its epilogue (N = 2I rows in, I columns out)."""
+        return self.kernel == "fp8_gemm_swiglu"
 
     @property
     def tunable(self) -> bool:
@@ -219,9 +226,9 @@ def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
         uses = old.uses if old else ()
         found[key] = replace(p, uses=uses if use in uses else uses + (use,))
 
-    def gemm(name: str, m: int, use: str, n_mult: int = 1) -> None:
+    def gemm(name: str, m: int, use: str, swiglu: bool = False) -> None:
         n, k = specs[name]
-        add(Problem("fp8_gemm", n * n_mult, k, m, rows=m), use)
+        add(Problem("fp8_gemm_swiglu", 2 * n, k, m, rows=m) if swiglu else Problem("fp8_gemm", n, k, m, rows=m), use)
 
     levels = cfg.num_semantic_levels
     for t, n_rows in enumerate(step_rows(cfg, load)):
@@ -237,8 +244,8 @@ def derive(cfg: OneRecConfig, load: Load, schemes: dict[str, str] | None = None,
             for mp in mlps:
                 names = [f"{mp}.{x}_proj.weight" for x in ("gate", "up", "down")]
                 kinds = [scheme(x) for x in names]
-                if kinds == ["channel"] * 3:  # backend.swiglu_mlp: gate and up in one GEMM
-                    gemm(names[0], m, f"{_generic(mp)}.gate_up_proj @ {step}", n_mult=2)
+                if kinds == ["channel"] * 3:  # backend.swiglu_mlp: gate and up in one GEMM, SwiGLU in its epilogue
+                    gemm(names[0], m, f"{_generic(mp)}.gate_up_proj @ {step}", swiglu=True)
                     gemm(names[2], m, f"{_generic(mp)}.down_proj @ {step}")
                 else:
                     for x, kind in zip(names, kinds):
