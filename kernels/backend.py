@@ -5,7 +5,8 @@ Dispatch, per call:
   the FP8 GEMM. Unquantized (``none``) and dense ``block`` weights -> the reference path.
 - ``norm_linears`` (the self-attention's q, k, v): all ``channel`` -> one fused RMSNorm + quantization
   of x and one GEMM against the weights side by side (concatenated at first use). Else per-Linear.
-- ``swiglu_mlp``: all three ``channel`` -> one quantization of x, one GEMM for gate and up together
+- ``swiglu_mlp`` / ``norm_swiglu_mlp`` (a dense layer's MLP with its pre-norm, fused into the
+  quantization of x by rmsnorm_quant): all three ``channel`` -> one quantization of x, one GEMM for gate and up together
   (weights pair-interleaved at first use, fp8_gemm.interleave_gate_up) with SwiGLU in its epilogue (configs
   of "fp8_gemm_swiglu"), so only the (M, I) product reaches memory, its per-token quantization, the down
   GEMM. Else per-Linear.
@@ -135,24 +136,42 @@ class TritonBackend(ReferenceBackend):
             lo += n
         return tuple(outs)
 
+    def _swiglu_fused(self, x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> bool:
+        return self._on(x) and self._channel_fp8(gate, up, down) and gate.weight.shape == up.weight.shape
+
     def swiglu_mlp(self, x: torch.Tensor, gate: Linear, up: Linear, down: Linear) -> torch.Tensor:
-        if not (self._on(x) and self._channel_fp8(gate, up, down) and gate.weight.shape == up.weight.shape):
+        if not self._swiglu_fused(x, gate, up, down):
             self.calls["swiglu_mlp.split"] += 1
             return super().swiglu_mlp(x, gate, up, down)  # per-Linear dispatch
         self.calls["swiglu_mlp.fp8"] += 1
+        x2 = x.reshape(-1, x.shape[-1])
+        return self._swiglu_fp8(*act_quant.per_token_quant(x2), gate, up, down, x.dtype).reshape(*x.shape[:-1], -1)
+
+    def norm_swiglu_mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate: Linear, up: Linear,
+                        down: Linear) -> torch.Tensor:
+        """swiglu_mlp with the pre-norm fused into the quantization of x (rmsnorm_quant): the normalized
+        rows are never written in bf16."""
+        if not self._swiglu_fused(x, gate, up, down):
+            return super().norm_swiglu_mlp(x, norm_weight, eps, gate, up, down)  # rms_norm, then swiglu_mlp
+        self.calls["norm_swiglu_mlp.fp8"] += 1
+        x2 = x.reshape(-1, x.shape[-1])
+        q, s = act_quant.rmsnorm_quant(x2, norm_weight, eps)
+        return self._swiglu_fp8(q, s, gate, up, down, x.dtype).reshape(*x.shape[:-1], -1)
+
+    def _swiglu_fp8(self, q, s, gate: Linear, up: Linear, down: Linear, dtype: torch.dtype) -> torch.Tensor:
+        """The dense MLP on x quantized per token (q, s): the gate/up GEMM with SwiGLU in its epilogue,
+        the per-token quantization of its (M, I) output, the down GEMM."""
         inter = gate.weight.shape[0]
         order = 2 if inter % 32 == 0 else 1  # fp8_gemm.SWIGLU_ORDER: the quad order where it applies
         w13 = self._cached((gate, up), lambda: (
             interleave_gate_up(gate.weight, up.weight, order),
             interleave_gate_up(gate.scale.reshape(-1, 1).float(), up.scale.reshape(-1, 1).float(), order)), "pairs")
-        x2 = x.reshape(-1, x.shape[-1])
-        q, s = act_quant.per_token_quant(x2)
         m, k = q.shape
         # (M, I): silu(gate) * up, rounded as the unfused path rounds it
-        h = fp8_gemm_nt(q, s, *w13, x.dtype, config=self._config("fp8_gemm_swiglu", m, 2 * inter, k), swiglu=True,
+        h = fp8_gemm_nt(q, s, *w13, dtype, config=self._config("fp8_gemm_swiglu", m, 2 * inter, k), swiglu=True,
                         swiglu_order=order)
         hq, hs = act_quant.per_token_quant(h)
-        return self._gemm(hq, hs, down, x.dtype).reshape(*x.shape[:-1], -1)
+        return self._gemm(hq, hs, down, dtype)
 
     # -- norms --------------------------------------------------------------------------------------
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -91,6 +91,16 @@ def test_dispatch_under_interpreter():
     assert be.calls["norm_linears.fp8"] == 1 and len(be._packed) == 2
     be.norm_linears(x, norm_w, 1e-6, (lc, ln))  # an unquantized weight: per-Linear dispatch
     assert be.calls["norm_linears.split"] == 1
+    # a dense layer's MLP with its pre-norm: the norm fused into the quantization of x gives what the
+    # Triton rms_norm then swiglu_mlp give (the same helpers, so the same normalized values), and stays
+    # near the reference's rms_norm then swiglu_mlp
+    norms = be.calls["rms_norm.triton"]
+    y = be.norm_swiglu_mlp(x, norm_w, 1e-6, gate, up, down)
+    assert be.calls["norm_swiglu_mlp.fp8"] == 1 and be.calls["rms_norm.triton"] == norms  # no separate norm
+    torch.testing.assert_close(y, be.swiglu_mlp(be.rms_norm(x, norm_w, 1e-6), gate, up, down), rtol=0, atol=0)
+    assert metrics.rel_error(y, ref.norm_swiglu_mlp(x, norm_w, 1e-6, gate, up, down)) < 0.15
+    be.norm_swiglu_mlp(x, norm_w, 1e-6, gate, up, _lin(128, 96, g, "none"))
+    assert be.calls["swiglu_mlp.split"] == 1  # an unquantized down: rms_norm, then the per-Linear path
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter dispatch test (CPU)")
@@ -202,7 +212,7 @@ def test_model_like_sequence_cuda():
 
     def block(b, q, o, gate, up, down, ex):
         y = h + b.linear(b.norm_linear(h, norm_w, 1e-6, q), o)
-        y = y + b.swiglu_mlp(b.rms_norm(y, norm_w, 1e-6), gate, up, down)
+        y = y + b.norm_swiglu_mlp(y, norm_w, 1e-6, gate, up, down)
         return y + b.experts(b.rms_norm(y, norm_w, 1e-6), ids, w, ex)
 
     # each op on the same input: the kernel gate where the op quantizes its input once (norm_linear,
@@ -212,6 +222,7 @@ def test_model_like_sequence_cuda():
             ("norm_linears", lambda b: torch.cat(b.norm_linears(h, norm_w, 1e-6, (q, o)), dim=-1), TOL),
             ("linear", lambda b: b.linear(h, o), TOL),
             ("swiglu_mlp", lambda b: b.swiglu_mlp(h, gate, up, down), TOL_CHAINED),
+            ("norm_swiglu_mlp", lambda b: b.norm_swiglu_mlp(h, norm_w, 1e-6, gate, up, down), TOL_CHAINED),
             ("experts", lambda b: b.experts(h, ids, w, ex), TOL_CHAINED)]):
         check(fn(be), fn(ref), tol=tol, what=name)
     # the whole block re-quantizes five times: the fast path must stay well inside FP8's own error,
@@ -221,7 +232,7 @@ def test_model_like_sequence_cuda():
     y_bf16 = block(ref, qb, ob, gb, ub, db, exb)
     fp8_err = metrics.mean_rel_error(y_ref, y_bf16)
     check(y_fast, y_ref, tol=0.6 * fp8_err, what=f"chained block (FP8 reference vs bf16: {fp8_err:.2e})")
-    assert be.calls["experts.fp8"] == 2 and be.calls["swiglu_mlp.fp8"] == 2
+    assert be.calls["experts.fp8"] == 2 and be.calls["swiglu_mlp.fp8"] == 1 and be.calls["norm_swiglu_mlp.fp8"] == 2
     # aligned rows: both GEMMs in Gluon on Hopper with Triton 3.6, else the tl.dot sorted layout
     assert be.calls[f"experts.{'gluon' if gg.gluon_ok(h.device) else 'sorted'}"] == 2
 

@@ -312,9 +312,10 @@ class OneRecModel:
             new_past.append((k, v))
             a = self._self_attention(q.view(n, t, hq, dh), k, v)
             h = h + be.linear(a.reshape(n, t, hq * dh), blk.o)
-            x = be.rms_norm(h, blk.post_norm, eps)
-            h = h + (self._moe(x, blk.mlp, i) if isinstance(blk.mlp, MoE) else
-                     be.swiglu_mlp(x, blk.mlp.gate, blk.mlp.up, blk.mlp.down))
+            if isinstance(blk.mlp, MoE):  # the normalized x also feeds the router and the shared expert
+                h = h + self._moe(be.rms_norm(h, blk.post_norm, eps), blk.mlp, i)
+            else:
+                h = h + be.norm_swiglu_mlp(h, blk.post_norm, eps, blk.mlp.gate, blk.mlp.up, blk.mlp.down)
             self._record(f"model.layers.{i}", h)
         return h, tuple(new_past)
 

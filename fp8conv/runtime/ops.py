@@ -126,6 +126,12 @@ class ReferenceBackend:
         h = F.silu(self.linear(x, gate).float()) * self.linear(x, up).float()
         return self.linear(h.to(x.dtype), down)
 
+    def norm_swiglu_mlp(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate: Linear, up: Linear,
+                        down: Linear) -> torch.Tensor:
+        """swiglu_mlp(rms_norm(x)): a dense layer's MLP with its pre-norm. The Triton backend fuses the
+        norm with the activation quantization (where it does not, it lands here)."""
+        return self.swiglu_mlp(self.rms_norm(x, norm_weight, eps), gate, up, down)
+
     # -- MoE ------------------------------------------------------------------------------------
     def experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 w: Experts) -> torch.Tensor:
