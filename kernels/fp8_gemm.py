@@ -13,8 +13,8 @@ Two kernels compute the same thing:
   when the TMA alignment does not hold, when the Triton build lacks tensor descriptors, or on request.
 
 Both take SWIGLU (``fp8_gemm_nt(..., swiglu=True)``): B holds a SwiGLU MLP's gate and up projections
-pair-interleaved (row 2j = gate j, row 2j + 1 = up j: ``interleave_gate_up``), and the epilogue writes
-silu(gate) * up, N / 2 columns. A wgmma accumulator thread holds output columns in adjacent pairs, so
+pair-interleaved (row 2p = gate c, row 2p + 1 = up c, c = ``swiglu_order(I)[p]``: ``interleave_gate_up``),
+and the epilogue writes silu(gate) * up, N / 2 columns. A wgmma accumulator thread holds output columns in adjacent pairs, so
 the split into gate and up is a register rename, and the (M, 2I) gate/up output never reaches memory:
 the MLP's down projection quantizes the (M, I) product directly.
 """
@@ -285,7 +285,7 @@ KERNEL_NAME_SWIGLU = "fp8_gemm_swiglu"  # its configs (tuning cache, defaults) a
 # pairs, pair 4 * c8 + q computes output column 8 * q + c8, so that after the split a wgmma accumulator
 # thread (which holds columns 8 * c8 + 2q and + 1 of each 64) holds 8 contiguous output columns: 16-byte
 # shared-memory stores in the epilogue (16 STS.128 per thread at 128 x 256, against 64 STS.U16 and 8
-# STS.128 in pair order; Triton 3.6, sm_90a). Needs I % 32 == 0 and BLOCK_N % 64 == 0 (the launcher
+# STS.128 in pair order; Triton 3.6, sm_90a; the same time within noise on an H100). Needs I % 32 == 0 and BLOCK_N % 64 == 0 (the launcher
 # narrows a config's BLOCK_N to 64 where it is not). 1: plain pairs (pair j computes column j), any I,
 # any BLOCK_N: what the backend packs where I % 32 != 0. Times: docs/benchmarks.md, eleventh run.
 SWIGLU_ORDER = 2
