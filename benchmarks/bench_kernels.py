@@ -220,7 +220,7 @@ def _mlp_set(m, d, inter):
     xn = torch.nn.functional.rms_norm(x, (d,), nw.to(torch.bfloat16), 1e-6)
     w13b = torch.cat([w1, w3]).to(torch.bfloat16)
     return dict(x=x, nw=nw, nwb=nw.to(torch.bfloat16), w13b=w13b, w2b=w2.to(torch.bfloat16), sbs=sbs,
-                pairs=pairs, w2q=(q2, s2), xq=xq, xs=xs, h=h, hq=act_quant.per_token_quant(h), gub=xn @ w13b.t(),
+                pairs=pairs, w2q=(q2, s2), xq=xq, xs=xs, h=h, gub=xn @ w13b.t(),
                 pairs1=(interleave_gate_up(q1, q3, order=1), interleave_gate_up(s1, s3, order=1)))
 
 
@@ -232,9 +232,9 @@ def bench_mlp(m, d=1408, inter=3840, sweep=False):
     paths must agree bit for bit. Also records the down projection's producer-fused row for the issue's
     goal: FP8 = (gate/up GEMM with the SwiGLU epilogue - the same GEMM without it) + quantization + down
     GEMM, against silu * up + cuBLAS down, all measured here on the same tensors."""
-    sets = [tuple(st.values()) for st in rotating(lambda: _mlp_set(m, d, inter), 7 * m * d + 6 * inter * d)]
-    keys = list(_mlp_set(1, d, inter))
-    named = [dict(zip(keys, st)) for st in sets]
+    named = rotating(lambda: _mlp_set(m, d, inter), 7 * m * d + 6 * inter * d)
+    keys = list(named[0])
+    sets = [tuple(st.values()) for st in named]
     sm = silu_mul_bf16()
     c13, _ = resolve_config("fp8_gemm", m, 2 * inter, d)  # the plain (M, 2I) GEMM (the path before)
     c13s, _ = resolve_config("fp8_gemm_swiglu", m, 2 * inter, d)
@@ -279,7 +279,7 @@ def bench_mlp(m, d=1408, inter=3840, sweep=False):
     bfs = run(lambda t: sm(t["gub"][:, :inter], t["gub"][:, inter:]) @ t["w2b"].t())
     record("mlp", "  silu*up+cublas bf16 down", m, d, inter, bfs, 2 * m * d * inter, 0)
     if sweep:
-        sweep_swiglu(m, d, inter, sets, keys, t0)
+        sweep_swiglu(m, d, inter, run, t0)
     fused = g13s - g13 + qd  # a sum of timings: carries no clock
     record("down", "fp8 SwiGLU-epilogue+quant+gemm", m, d, inter, fused, 2 * m * d * inter, 0, bfs,
            "silu*up+bf16", None, {"goal": "producer", "derived": "gate/up GEMM+SwiGLU - gate/up GEMM + quant(h)+down"})
@@ -292,10 +292,11 @@ def _swiglu_candidates():
             kc(128, 128, 4, 3, pp=2), kc(128, 128, 8, 4, ws=1), kc(64, 256, 4, 3, pp=2), kc(256, 128, 8, 3)]
 
 
-def sweep_swiglu(m, d, inter, sets, keys, t0):
+def sweep_swiglu(m, d, inter, run, t0):
     """The gate/up GEMM with and without the SwiGLU epilogue over candidate configs (and programs per
     SM: a second resident program can run its MMAs under the other's epilogue); each SwiGLU output is
-    first compared bit for bit with the plain GEMM's output put through act_quant's SwiGLU."""
+    first compared bit for bit with the plain GEMM's output put through act_quant's SwiGLU. run(f) times
+    f over bench_mlp's rotating input sets (each a dict like t0)."""
     ref_q = None
     cands = _swiglu_candidates()
     for cfg in cands:
@@ -313,11 +314,9 @@ def sweep_swiglu(m, d, inter, sets, keys, t0):
                 if ref_q is None:
                     ref_q = q1
                 err = checked(q1.float(), ref_q.float(), f"sweep {tag}", tol=0.05)
-                us = time_us(lambda *st, c=cfg, k=key, o=order: fp8_gemm_nt(
-                    st[keys.index("xq")], st[keys.index("xs")], *st[keys.index(k)], config=c, swiglu=True,
-                    swiglu_order=o), sets)
-                plain = time_us(lambda *st, c=cfg, k=key: fp8_gemm_nt(
-                    st[keys.index("xq")], st[keys.index("xs")], *st[keys.index(k)], config=c), sets)
+                us = run(lambda t, c=cfg, k=key, o=order: fp8_gemm_nt(t["xq"], t["xs"], *t[k], config=c, swiglu=True,
+                                                                      swiglu_order=o))
+                plain = run(lambda t, c=cfg, k=key: fp8_gemm_nt(t["xq"], t["xs"], *t[k], config=c))
             except Exception as exc:  # out of resources etc.
                 print(f"  sweep {tag} order {order}: {type(exc).__name__}: {str(exc)[:200]}")
                 continue

@@ -39,7 +39,7 @@ import torch
 
 from fp8conv.kernels import act_quant, norm
 from fp8conv.kernels.config import KernelConfig, resolve_config
-from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up
+from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up, swiglu_order_for
 from fp8conv.kernels.grouped_gemm import INTERLEAVE, expert_layout, fused_experts, layout_kernels, pack_experts
 from fp8conv.kernels.topk import topk as radix_topk
 from fp8conv.runtime.ops import Experts, Linear, ReferenceBackend
@@ -162,7 +162,7 @@ class TritonBackend(ReferenceBackend):
         """The dense MLP on x quantized per token (q, s): the gate/up GEMM with SwiGLU in its epilogue,
         the per-token quantization of its (M, I) output, the down GEMM."""
         inter = gate.weight.shape[0]
-        order = 2 if inter % 32 == 0 else 1  # fp8_gemm.SWIGLU_ORDER: the quad order where it applies
+        order = swiglu_order_for(inter)
         w13 = self._cached((gate, up), lambda: (
             interleave_gate_up(gate.weight, up.weight, order),
             interleave_gate_up(gate.scale.reshape(-1, 1).float(), up.scale.reshape(-1, 1).float(), order)), "pairs")

@@ -285,10 +285,25 @@ KERNEL_NAME_SWIGLU = "fp8_gemm_swiglu"  # its configs (tuning cache, defaults) a
 # pairs, pair 4 * c8 + q computes output column 8 * q + c8, so that after the split a wgmma accumulator
 # thread (which holds columns 8 * c8 + 2q and + 1 of each 64) holds 8 contiguous output columns: 16-byte
 # shared-memory stores in the epilogue (16 STS.128 per thread at 128 x 256, against 64 STS.U16 and 8
-# STS.128 in pair order; Triton 3.6, sm_90a; the same time within noise on an H100). Needs I % 32 == 0 and BLOCK_N % 64 == 0 (the launcher
-# narrows a config's BLOCK_N to 64 where it is not). 1: plain pairs (pair j computes column j), any I,
-# any BLOCK_N: what the backend packs where I % 32 != 0. Times: docs/benchmarks.md, eleventh run.
+# STS.128 in pair order; Triton 3.6, sm_90a; the same time within noise on an H100). Needs I % 32 == 0
+# and BLOCK_N % 64 == 0 (the launcher narrows a config's BLOCK_N to 64 where it is not). 1: plain pairs
+# (pair j computes column j), any I, any BLOCK_N: what swiglu_order_for picks where I % 32 != 0. Times:
+# docs/benchmarks.md, eleventh run.
 SWIGLU_ORDER = 2
+
+
+def quad_pair_order(pairs: int, group: int) -> torch.Tensor:
+    """The output column each of ``pairs`` (gate, up) pairs computes when, within every ``group`` pairs,
+    pair 4c + q computes column q * group / 4 + c: thread q of a wgmma quad (accumulator columns 2q and
+    2q + 1 of every 8) then holds group / 4 contiguous output columns after the gate/up split. group 32:
+    fp8_gemm's quad order (8 columns a thread); 64: the Gluon grouped kernel's (16 a thread,
+    grouped_gemm.gluon_w13_order)."""
+    return torch.arange(pairs).view(-1, 4, group // 4).transpose(1, 2).reshape(-1)
+
+
+def swiglu_order_for(inter: int) -> int:
+    """The order the serving path packs a SwiGLU of width I in: SWIGLU_ORDER where I allows it, else pairs."""
+    return SWIGLU_ORDER if inter % 32 == 0 else 1
 
 
 def swiglu_order(inter: int, order: int | None = None) -> torch.Tensor:
@@ -300,7 +315,7 @@ def swiglu_order(inter: int, order: int | None = None) -> torch.Tensor:
         return torch.arange(inter)
     if inter % 32:
         raise ValueError(f"the quad order needs I % 32 == 0, got {inter}")
-    return torch.arange(inter).view(-1, 4, 8).transpose(1, 2).reshape(-1)
+    return quad_pair_order(inter, 32)
 
 
 def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, order: int | None = None) -> torch.Tensor:

@@ -41,7 +41,7 @@ from fp8conv.kernels.act_quant import (fp8_scale, per_group_quant, per_group_qua
                                        round_to, sw_round)
 from fp8conv.kernels.config import KernelConfig, default_config, sorted_rows_aligned
 # the persistent-loop helpers are fp8_gemm's (tile swizzle, SM count, tensor-descriptor import)
-from fp8conv.kernels.fp8_gemm import _num_sms, _tensor_descriptor, _tile_coords
+from fp8conv.kernels.fp8_gemm import _num_sms, _tensor_descriptor, _tile_coords, quad_pair_order
 
 KERNEL_NAME = "fp8_grouped_gemm"
 GLUON_KERNEL = "fp8_grouped_gemm_gluon"  # its own defaults and tuning cache entries
@@ -97,8 +97,8 @@ def gluon_w13_order(rows: int) -> torch.Tensor:
     Returns the plain alternating order's row index (gate row c at 2c, up at 2c + 1) of each packed row."""
     if rows % 128:
         raise ValueError(f"w13 rows must be a multiple of 128, got {rows}")
-    idx = torch.arange(rows).view(rows // 128, 4, 16, 2)  # [tile, t, j, s] in the alternating order
-    return idx.permute(0, 2, 1, 3).reshape(rows)  # [tile, j, t, s]
+    pair = quad_pair_order(rows // 2, 64)  # packed pair 4j + t computes SwiGLU column 16t + j of its tile
+    return (2 * pair[:, None] + torch.arange(2)).reshape(rows)  # its gate (s 0) and up (s 1) rows
 
 
 def pack_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, gate_scale: torch.Tensor,

@@ -11,7 +11,7 @@ import torch
 from fp8conv.cli import main
 from fp8conv.kernels.config import KernelConfig
 from fp8conv.tuning import cache, lookup
-from fp8conv.tuning.shapes import Problem
+from fp8conv.tuning.shapes import GEMMS, Problem
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -85,7 +85,7 @@ def test_kernel_bench_checks_real_kernels_and_catches_unwritten_output(p):
     from fp8conv.tuning import gpu, search
 
     bench = gpu.KernelBench("cpu")
-    dense = p.kernel in ("fp8_gemm", "fp8_gemm_swiglu")
+    dense = p.kernel in GEMMS
     bn = 256 if p.swiglu else 64
     good = KernelConfig(BLOCK_M=32 if dense else 16, BLOCK_N=bn, BLOCK_K=64 if dense else 128,
                         GROUP_M=1, num_warps=4, num_stages=2)

@@ -237,10 +237,10 @@ class KernelBench:
                  w=[(b, sb)] + [(b.clone(), sb.clone()) for _ in range(copies - 1)])
         s["ref"] = ((a.float() * sa) @ (b.float() * sb).t()).to(OUT_DTYPE)
         if p.swiglu_gemm:  # b's rows are (gate, up) pairs in the backend's order (fp8_gemm.swiglu_order)
-            from fp8conv.kernels.fp8_gemm import swiglu_order
+            from fp8conv.kernels.fp8_gemm import swiglu_order, swiglu_order_for
 
             inter = p.n // 2
-            s["order"] = 2 if inter % 32 == 0 else 1
+            s["order"] = swiglu_order_for(inter)
             g, u = s["ref"].float()[:, 0::2], s["ref"].float()[:, 1::2]
             pos = torch.argsort(swiglu_order(inter, s["order"]).to(dev))  # column c comes from pair pos[c]
             s["ref"] = (torch.nn.functional.silu(g) * u).to(OUT_DTYPE)[:, pos]
