@@ -76,8 +76,10 @@ def fp8_scale(amax):
 
 @triton.jit
 def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
-    """clamp(y / scale, -448, 448) rounded to float8_e4m3fn values (still float32; scale broadcasts
-    against y), exactly as fp8conv.numerics computes it.
+    """y / scale for the FP8 cast that follows (float32; scale broadcasts against y): its FP8 value is
+    fp8conv.numerics' cast(clamp(y / scale, -448, 448)), exactly. Only the cast may follow: on the GPU
+    the quotient is left unclamped (|q| exceeds 448 by at most a rounding error, as |y| <= amax), since
+    the hardware conversion saturates to +-448 itself -- two instructions an element fewer.
 
     FAST_DIV (for y holding bf16 or fp16 values, |y| <= the amax its scale came from): y / scale from
     the row's reciprocal r = 1/scale, q0 = y * r, the exact remainder e = q0 * scale - y (one FMA) and
@@ -89,25 +91,26 @@ def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
     q takes y's sign bit (so -0.0 stays -0.0). Without FAST_DIV (float32 activations):
     IEEE division (``tl.div_rn``; Triton's ``/`` on float32 is approximate).
 
-    SW_ROUND: round to FP8 values in float32 integer arithmetic (round_to_e4m3) so the cast that follows
-    is exact: needed under TRITON_INTERPRET, whose cast rounds wrongly (Triton issue 8322). On the GPU
-    the hardware conversion (cvt.rn.satfinite.e4m3x2.f32 on Hopper) rounds to nearest even itself."""
+    SW_ROUND: clamp, then round to FP8 values in float32 integer arithmetic (round_to_e4m3) so the cast
+    that follows is exact: needed under TRITON_INTERPRET, whose cast rounds wrongly (Triton issue 8322).
+    On the GPU the hardware conversion (cvt.rn.satfinite.e4m3x2.f32 on Hopper) rounds to nearest even
+    and saturates itself."""
     if FAST_DIV:
         sx = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
         s2 = scale * sx
         r = tl.div_rn(1.0, s2)
         y2 = y * sx
         q0 = y2 * r
-        e = tl.fma(q0, s2, -y2)
-        q = tl.fma(-e, r, q0)
+        # -e = y2 - q0 * s2 by one FMA on the negated scale (per row or group, not per element: Triton's
+        # unary minus is 0 - x, an add that does not fold into the FMA), then q = q0 + (-e) * r
+        q = tl.fma(tl.fma(q0, -s2, y2), r, q0)
         # y's sign bit on q: the compiled FMAs turned -0.0 into +0.0 on an H100 (the exhaustive check)
         q = (q.to(tl.int32, bitcast=True) | (y.to(tl.int32, bitcast=True) & -2147483648)).to(
             tl.float32, bitcast=True)
     else:
         q = tl.div_rn(y, scale)
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     if SW_ROUND:
-        q = round_to_e4m3(q)
+        q = round_to_e4m3(tl.minimum(tl.maximum(q, -448.0), 448.0))
     return q
 
 
@@ -157,9 +160,14 @@ def _rms_inv(ss, K, eps):
 
 
 @triton.jit
-def _norm_tile(x, w_ptr, cols, inv, K):
+def _norm_weight(w_ptr, cols, K):
+    """The RMSNorm weight for a (groups, GS) tile of columns, in float32 (0 past K)."""
+    return tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _norm_tile(x, w, inv):
     """(x * inv) * w in float32, rounded to x's dtype: ops.rms_norm's order of the two products."""
-    w = tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     return round_to(x.to(tl.float32) * inv[:, None, None] * w[None, :, :], x.dtype)
 
 
@@ -186,13 +194,17 @@ def _act_quant_kernel(
         cols_t = NH * GS + tl.arange(0, NT)[:, None] * GS + tl.arange(0, GS)[None, :]
         xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K)
     if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w (kernels/norm.py: the same, alone)
+        # the weight is loaded before the reductions, so its latency hides under theirs
+        wh = _norm_weight(w_ptr, cols_h, K)
+        if NT > 0:
+            wt = _norm_weight(w_ptr, cols_t, K)
         ss = _sum_squares(xh)
         if NT > 0:
             ss += _sum_squares(xt)
         inv = _rms_inv(ss, K, eps)
-        yh = _norm_tile(xh, w_ptr, cols_h, inv, K)
+        yh = _norm_tile(xh, wh, inv)
         if NT > 0:
-            yt = _norm_tile(xt, w_ptr, cols_t, inv, K)
+            yt = _norm_tile(xt, wt, inv)
     elif PRODUCER == 2:  # SwiGLU: y = silu(gate) * up
         yh = _swiglu_tile(xh, u_ptr, rows, stride_u, cols_h, rmask, K)
         if NT > 0:

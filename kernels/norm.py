@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8conv.kernels.act_quant import GROUP, _load_tile, _norm_tile, _rms_inv, _sum_squares
+from fp8conv.kernels.act_quant import GROUP, _load_tile, _norm_tile, _norm_weight, _rms_inv, _sum_squares
 from fp8conv.kernels.config import KernelConfig, default_config, group_tiles
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -47,10 +47,10 @@ def _rms_norm_kernel(
     inv = _rms_inv(ss, K, eps)  # (ROWS,)
     y_dt = y_ptr.dtype.element_ty
     # _norm_tile rounds to x's dtype (in software under the interpreter): the casts here are exact
-    yh = _norm_tile(xh, w_ptr, cols_h, inv, K).to(y_dt)
+    yh = _norm_tile(xh, _norm_weight(w_ptr, cols_h, K), inv).to(y_dt)
     tl.store(y_ptr + rows[:, None, None] * K + cols_h[None, :, :], yh, mask=mask_h)
     if NT > 0:
-        yt = _norm_tile(xt, w_ptr, cols_t, inv, K).to(y_dt)
+        yt = _norm_tile(xt, _norm_weight(w_ptr, cols_t, K), inv).to(y_dt)
         tl.store(y_ptr + rows[:, None, None] * K + cols_t[None, :, :], yt, mask=mask_t)
 
 
