@@ -129,7 +129,7 @@ def bench_dense(ms, sweep):
             swiglu = PRODUCER[name] == "swiglu"
             sets = rotating(lambda: _dense_set(m, n, k, swiglu), (7 if swiglu else 3) * m * k + 3 * n * k)
             x, wb, wq, ws, xq, xs, gu = sets[0]
-            nw = 1 + 0.1 * torch.randn(k, device="cuda")
+            nw = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16)  # the model holds it in bf16
             flops = 2 * m * n * k
             lin_bytes = 2 * m * k + n * k + 2 * m * n
             bf_bytes = 2 * m * k + 2 * n * k + 2 * m * n
@@ -173,8 +173,7 @@ def bench_dense(ms, sweep):
             # fused producer: RMSNorm + quant + GEMM vs torch rms_norm + cuBLAS
             ref_n = ref_gemm_nt(*fp8.quantize_per_token(rms_norm(x, nw, 1e-6)), wq, ws, torch.bfloat16)
             err = checked(fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), ref_n, "norm linear")
-            nwb = nw.to(torch.bfloat16)
-            bfn = time_us(lambda x, wb, *_: torch.nn.functional.rms_norm(x, (k,), nwb, 1e-6) @ wb.t(), sets)
+            bfn = time_us(lambda x, wb, *_: torch.nn.functional.rms_norm(x, (k,), nw, 1e-6) @ wb.t(), sets)
             record(name, "rms_norm+cublas bf16", m, n, k, bfn, flops, bf_bytes)
             fn = time_us(lambda x, wb, wq, ws, *_: fp8_gemm_nt(*act_quant.rmsnorm_quant(x, nw, 1e-6), wq, ws), sets)
             record(name, "fp8 rmsnorm_quant+gemm", m, n, k, fn, flops, lin_bytes, bfn, "norm+bf16", err,
@@ -209,7 +208,7 @@ def _mlp_set(m, d, inter):
     """One set of the dense SwiGLU MLP's inputs: x, the RMSNorm weight, the weights in bf16 and FP8
     (gate/up side by side and pair-interleaved), and each GEMM's input precomputed (to time it alone)."""
     x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
-    nw = 1 + 0.1 * torch.randn(d, device="cuda")
+    nw = (1 + 0.1 * torch.randn(d, device="cuda")).to(torch.bfloat16)  # the model holds it in bf16
     w1, w3 = (torch.randn(inter, d, device="cuda") * d ** -0.5 for _ in range(2))
     w2 = torch.randn(d, inter, device="cuda") * inter ** -0.5
     (q1, s1), (q3, s3), (q2, s2) = (fp8.quantize_channel(w) for w in (w1, w3, w2))
@@ -217,9 +216,9 @@ def _mlp_set(m, d, inter):
     pairs = (interleave_gate_up(q1, q3), interleave_gate_up(s1, s3))
     xq, xs = act_quant.rmsnorm_quant(x, nw, 1e-6)
     h = fp8_gemm_nt(xq, xs, *pairs, swiglu=True)
-    xn = torch.nn.functional.rms_norm(x, (d,), nw.to(torch.bfloat16), 1e-6)
+    xn = torch.nn.functional.rms_norm(x, (d,), nw, 1e-6)
     w13b = torch.cat([w1, w3]).to(torch.bfloat16)
-    return dict(x=x, nw=nw, nwb=nw.to(torch.bfloat16), w13b=w13b, w2b=w2.to(torch.bfloat16), sbs=sbs,
+    return dict(x=x, nw=nw, w13b=w13b, w2b=w2.to(torch.bfloat16), sbs=sbs,
                 pairs=pairs, w2q=(q2, s2), xq=xq, xs=xs, h=h, gub=xn @ w13b.t(),
                 pairs1=(interleave_gate_up(q1, q3, order=1), interleave_gate_up(s1, s3, order=1)))
 
@@ -241,7 +240,7 @@ def bench_mlp(m, d=1408, inter=3840, sweep=False):
     c2, _ = resolve_config("fp8_gemm", m, d, inter)
 
     def bf16_mlp(t):
-        gu = torch.nn.functional.rms_norm(t["x"], (d,), t["nwb"], 1e-6) @ t["w13b"].t()
+        gu = torch.nn.functional.rms_norm(t["x"], (d,), t["nw"], 1e-6) @ t["w13b"].t()
         return sm(gu[:, :inter], gu[:, inter:]) @ t["w2b"].t()
 
     def fp8_before(t):
