@@ -326,7 +326,7 @@ def sweep_swiglu(m, d, inter, run, t0):
 def sweep_quant(name, m, k, sets, nw):
     """Rows per program x warps, and an A/B of the division (IEEE tl.div_rn vs reciprocal + FMA
     correction) and the FP8 rounding (software vs the hardware cast)."""
-    for rows, warps in [(1, 4), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]:
+    for rows, warps in [(1, 1), (1, 2), (2, 2), (1, 4), (2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]:
         cfg = KernelConfig(BLOCK_M=rows, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=warps, num_stages=1)
         us = time_us(lambda x, *_: act_quant.per_token_quant(x, config=cfg), sets)
         record(name, f"sweep quant rows{rows} w{warps}", m, 0, k, us, 0, 3 * m * k + 4 * m, None, "", None,
