@@ -87,6 +87,23 @@ def test_real_shapes_cuda(m, k):
         check_quant(q.cpu(), s.cpu(), ref.cpu(), per_group, f"swiglu {m}x{k}")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("per_group", [False, True])
+def test_non_finite_input_never_quantizes_finite_cuda(per_group):
+    """Outside the contract, but never silent: an inf or NaN activation must not come out as a finite
+    FP8 value (the GPU path casts the quotient unclamped; the clamp it replaced turned NaN into -448).
+    The other rows and groups keep the reference's bits."""
+    x = torch.randn(4, 384, device="cuda", dtype=torch.bfloat16)
+    x[1, 5], x[1, 300], x[2, 7] = float("inf"), -float("inf"), float("nan")
+    quant = act_quant.per_group_quant if per_group else act_quant.per_token_quant
+    q, _ = quant(x)
+    qf = q.float().cpu()
+    for r, c in ((1, 5), (1, 300), (2, 7)):
+        assert torch.isnan(qf[r, c]), f"x[{r}, {c}] = {x[r, c].item()} quantized to {qf[r, c].item()}"
+    ref = (fp8.quantize_per_group if per_group else fp8.quantize_per_token)(x[[0, 3]].cpu())[0]
+    assert torch.equal(q[[0, 3]].cpu().view(torch.uint8), ref.view(torch.uint8))
+
+
 def _pairs_rows(dtype, amax_exps=(0,), lowest=-19):
     """Groups of 128: [amax, x_1 .. x_127] with amax = every significand of ``dtype`` at each exponent of
     ``amax_exps`` and the x every value of ``dtype`` (both signs, and -0.0) in [amax * 2^lowest, amax]:
