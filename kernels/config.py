@@ -110,9 +110,9 @@ def _is_gate_up(n: int, k: int, gate_up: bool | None) -> bool:
 
 
 def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = None) -> KernelConfig:
-    """The documented default for ``kernel`` ("fp8_gemm", "fp8_gemm_swiglu", "fp8_grouped_gemm", "fp8_grouped_gemm_gluon",
-    "act_quant", "topk") at
-    M tokens (rows per expert for the grouped GEMM: total rows / experts), N outputs, K inputs.
+    """The documented default for ``kernel`` ("fp8_gemm", "fp8_gemm_swiglu", "fp8_grouped_gemm",
+    "fp8_grouped_gemm_gluon", "act_quant", "topk") at M tokens (rows per expert for the grouped GEMM:
+    total rows / experts), N outputs, K inputs.
     gate_up: for the grouped GEMM, whether this is the fused gate/up GEMM (None: guessed as n > k,
     true of the packed [E, 2*I, d] weight whenever 2*I > d; callers that know should say)."""
     if kernel == "fp8_gemm_swiglu":

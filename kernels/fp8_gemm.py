@@ -14,9 +14,9 @@ Two kernels compute the same thing:
 
 Both take SWIGLU (``fp8_gemm_nt(..., swiglu=True)``): B holds a SwiGLU MLP's gate and up projections
 pair-interleaved (row 2p = gate c, row 2p + 1 = up c, c = ``swiglu_order(I)[p]``: ``interleave_gate_up``),
-and the epilogue writes silu(gate) * up, N / 2 columns. A wgmma accumulator thread holds output columns in adjacent pairs, so
-the split into gate and up is a register rename, and the (M, 2I) gate/up output never reaches memory:
-the MLP's down projection quantizes the (M, I) product directly.
+and the epilogue writes silu(gate) * up, N / 2 columns. A wgmma accumulator thread holds output columns
+in adjacent pairs, so the split into gate and up is a register rename, and the (M, 2I) gate/up output
+never reaches memory: the MLP's down projection quantizes the (M, I) product directly.
 """
 
 from __future__ import annotations

@@ -177,9 +177,10 @@ def _quantize(y, scale):
     instruction per value and term). Both kernels keep the minus on per-row values: quantize_values as
     fma(fma(q0, -s, y), r, q0); here -r is computed once per row and q0n = y * -r = -q0,
     e2 = fma(q0n, s, y) = -e, qn = fma(e2, -r, q0n) = -q: the same values negated (round-to-nearest-even
-    is symmetric), 2 instructions a value fewer than the plain form. q = qn with its sign bit flipped, then y's sign bit or-ed in, as quantize_values does
-    (-0.0 stays -0.0; one LOP3). Not clamped to +-448: the FP8 conversion that follows saturates
-    (cvt.rn.satfinite), which rounds every value as the clamp then the conversion would."""
+    is symmetric), 2 instructions a value fewer than the plain form. q = qn with its sign bit flipped,
+    then y's sign bit or-ed in, as quantize_values does (-0.0 stays -0.0; one LOP3). Not clamped to
+    +-448: the FP8 conversion that follows saturates (cvt.rn.satfinite), which rounds every value as the
+    clamp then the conversion would."""
     sx = gl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
     s2 = scale * sx
     nr = gl.div_rn(gl.full_like(s2, -1.0), s2)
@@ -219,8 +220,9 @@ def _epilogue(acc, part, amax_lo, off_m, offs_m, pid_n, h_buf, c_lo, c_hi, c_des
     SWIGLU: SwiGLU of the even (gate) and odd (up) columns, rounded as the reference rounds them, padding
     rows (not valid_rows) zeroed; the first item's 64 columns wait in h_buf (stored and read back by the
     same threads, in the same layout, 16 bytes at a time; swizzled by 16-byte chunk, as the 8 rows a warp
-    writes would otherwise put a chunk on the same banks), the second item quantizes both halves with the group's scale and stores them (TMA, c_lo /
-    c_hi) and the scales (K-major). Else the tile in the output dtype through c_lo."""
+    writes would otherwise put a chunk on the same banks), the second item quantizes both halves with the
+    group's scale and stores them (TMA, c_lo / c_hi) and the scales (K-major). Else the tile in the
+    output dtype through c_lo."""
     HALF: gl.constexpr = BLOCK_N // 2
     if SWIGLU:
         # column 8j + 2t + s of the tile (thread t of a quad holds the pairs 2t, 2t + 1 of every 8) is gate
