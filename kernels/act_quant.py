@@ -88,8 +88,13 @@ def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
     every pair of bf16 (and fp16) values -- checked exhaustively, on the CPU and on the GPU
     (benchmarks/check_quant_exhaustive.py) -- once scales below 2^-100 (amax below ~1e-28, whose
     reciprocal would overflow) are first multiplied by 2^64 together with y (exact: powers of two).
-    q takes y's sign bit (so -0.0 stays -0.0). Without FAST_DIV (float32 activations):
-    IEEE division (``tl.div_rn``; Triton's ``/`` on float32 is approximate).
+    It runs on negated terms, so that every minus sits on a per-row value (Triton's unary minus on a
+    tensor is 0 - x, one more instruction an element, and does not fold into an FMA): with nr = -r and
+    -y, q0 = (-y) * nr, e = fma(q0, scale, -y) and q = fma(e, nr, q0) are the same values as the
+    plain form's (round to nearest even is symmetric), and the signs of zero come out right by
+    themselves: y = -0.0 gives q0 = -0.0, e = +0.0 and q = -0.0 + -0.0 = -0.0 (the plain form's last
+    FMA adds +0.0 and needs y's sign bit put back: one instruction an element). Without FAST_DIV
+    (float32 activations): IEEE division (``tl.div_rn``; Triton's ``/`` on float32 is approximate).
 
     SW_ROUND: clamp, then round to FP8 values in float32 integer arithmetic (round_to_e4m3) so the cast
     that follows is exact: needed under TRITON_INTERPRET, whose cast rounds wrongly (Triton issue 8322).
@@ -98,15 +103,11 @@ def quantize_values(y, scale, FAST_DIV: tl.constexpr, SW_ROUND: tl.constexpr):
     if FAST_DIV:
         sx = tl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
         s2 = scale * sx
-        r = tl.div_rn(1.0, s2)
-        y2 = y * sx
-        q0 = y2 * r
-        # -e = y2 - q0 * s2 by one FMA on the negated scale (per row or group, not per element: Triton's
-        # unary minus is 0 - x, an add that does not fold into the FMA), then q = q0 + (-e) * r
-        q = tl.fma(tl.fma(q0, -s2, y2), r, q0)
-        # y's sign bit on q: the compiled FMAs turned -0.0 into +0.0 on an H100 (the exhaustive check)
-        q = (q.to(tl.int32, bitcast=True) | (y.to(tl.int32, bitcast=True) & -2147483648)).to(
-            tl.float32, bitcast=True)
+        nr = tl.div_rn(-1.0, s2)  # -r
+        ny2 = y * (0.0 - sx)  # -y * sx: the pre-scale's multiply carries the minus
+        q0 = ny2 * nr
+        e = tl.fma(q0, s2, ny2)  # q0 * s2 - y * sx, exact
+        q = tl.fma(e, nr, q0)  # q0 - e * r
     else:
         q = tl.div_rn(y, scale)
     if SW_ROUND:
@@ -160,15 +161,23 @@ def _rms_inv(ss, K, eps):
 
 
 @triton.jit
-def _norm_weight(w_ptr, cols, K):
-    """The RMSNorm weight for a (groups, GS) tile of columns, in float32 (0 past K)."""
-    return tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+def _norm_weight(w_ptr, cols, K, SHAPE: tl.constexpr):
+    """The RMSNorm weight for an x tile of SHAPE (rows, groups, GS) over columns ``cols`` (groups, GS), in
+    float32 (0 past K). Up to two rows a tile it is loaded as a tile of x's shape, so each thread loads the
+    columns it holds of x: no layout conversion (a weight loaded once per program as (groups, GS) has its
+    own layout and reaches x's through shuffles, ~2 instructions an element at one row a program). With
+    more rows, once as (1, groups, GS), broadcast over the rows."""
+    if SHAPE[0] <= 2:
+        return tl.load(tl.broadcast_to(w_ptr + cols[None, :, :], SHAPE),
+                       mask=tl.broadcast_to((cols < K)[None, :, :], SHAPE), other=0.0).to(tl.float32)
+    else:
+        return tl.load(w_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :, :]
 
 
 @triton.jit
 def _norm_tile(x, w, inv):
     """(x * inv) * w in float32, rounded to x's dtype: ops.rms_norm's order of the two products."""
-    return round_to(x.to(tl.float32) * inv[:, None, None] * w[None, :, :], x.dtype)
+    return round_to(x.to(tl.float32) * inv[:, None, None] * w, x.dtype)
 
 
 @triton.jit
@@ -195,9 +204,9 @@ def _act_quant_kernel(
         xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K)
     if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w (kernels/norm.py: the same, alone)
         # the weight is loaded before the reductions, so its latency hides under theirs
-        wh = _norm_weight(w_ptr, cols_h, K)
+        wh = _norm_weight(w_ptr, cols_h, K, xh.shape)
         if NT > 0:
-            wt = _norm_weight(w_ptr, cols_t, K)
+            wt = _norm_weight(w_ptr, cols_t, K, xt.shape)
         ss = _sum_squares(xh)
         if NT > 0:
             ss += _sum_squares(xt)

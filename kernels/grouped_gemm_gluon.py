@@ -171,25 +171,16 @@ def _sigmoid(x):
 @gluon.jit
 def _quantize(y, scale):
     """y / scale as float32, for y holding bf16/fp16 values with |y| <= 448 * scale: act_quant.quantize_values'
-    FAST_DIV arithmetic (Markstein's correction; exact for those values), carried out on negated terms.
-    Markstein's form is q0 = y * r, e = fma(q0, s, -y), q = fma(-e, r, q0), and Triton lowers each unary
-    minus on a tensor to a subtraction from +0.0 (ptxas cannot fold that into an operand: one more
-    instruction per value and term). Both kernels keep the minus on per-row values: quantize_values as
-    fma(fma(q0, -s, y), r, q0); here -r is computed once per row and q0n = y * -r = -q0,
-    e2 = fma(q0n, s, y) = -e, qn = fma(e2, -r, q0n) = -q: the same values negated (round-to-nearest-even
-    is symmetric), 2 instructions a value fewer than the plain form. q = qn with its sign bit flipped,
-    then y's sign bit or-ed in, as quantize_values does (-0.0 stays -0.0; one LOP3). Not clamped to
-    +-448: the FP8 conversion that follows saturates (cvt.rn.satfinite), which rounds every value as the
-    clamp then the conversion would."""
+    FAST_DIV arithmetic (Markstein's correction on negated terms; exact for those values, and the sign of
+    zero right without a fix-up). Not clamped to +-448: the FP8 conversion that follows saturates
+    (cvt.rn.satfinite), which rounds every value as the clamp then the conversion would."""
     sx = gl.where(scale < 7.888609052210118e-31, 18446744073709551616.0, 1.0)  # 2^-100, 2^64
     s2 = scale * sx
     nr = gl.div_rn(gl.full_like(s2, -1.0), s2)
-    y2 = y * sx
-    q0n = y2 * nr
-    e2 = gl.fma(q0n, s2, y2)
-    qn = gl.fma(e2, nr, q0n)
-    sign = -2147483648
-    return ((qn.to(gl.int32, bitcast=True) ^ sign) | (y.to(gl.int32, bitcast=True) & sign)).to(gl.float32, bitcast=True)
+    ny2 = y * (0.0 - sx)
+    q0 = ny2 * nr
+    e = gl.fma(q0, s2, ny2)
+    return gl.fma(e, nr, q0)
 
 
 @gluon.jit
