@@ -38,11 +38,11 @@ def _rms_norm_kernel(
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rmask = rows < M
     cols_h = tl.arange(0, NH)[:, None] * GS + tl.arange(0, GS)[None, :]  # (NH, GS)
-    xh, mask_h = _load_tile(x_ptr, rows, stride_x, cols_h, rmask, K)
+    xh, mask_h = _load_tile(x_ptr, rows, stride_x, cols_h, rmask, K, "")
     ss = _sum_squares(xh)
     if NT > 0:
         cols_t = NH * GS + tl.arange(0, NT)[:, None] * GS + tl.arange(0, GS)[None, :]
-        xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K)
+        xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K, "")
         ss += _sum_squares(xt)
     inv = _rms_inv(ss, K, eps)  # (ROWS,)
     y_dt = y_ptr.dtype.element_ty
