@@ -162,13 +162,15 @@ def _rms_inv(ss, K, eps):
 
 
 @triton.jit
-def _norm_weight(w_ptr, cols, K, SHAPE: tl.constexpr):
+def _norm_weight(w_ptr, cols, K, SHAPE: tl.constexpr, IN_X_LAYOUT: tl.constexpr):
     """The RMSNorm weight for an x tile of SHAPE (rows, groups, GS) over columns ``cols`` (groups, GS), in
-    float32 (0 past K). Up to two rows a tile it is loaded as a tile of x's shape, so each thread loads the
-    columns it holds of x: no layout conversion (a weight loaded once per program as (groups, GS) has its
-    own layout and reaches x's through shuffles, ~2 instructions an element at one row a program). With
-    more rows, once as (1, groups, GS), broadcast over the rows."""
-    if SHAPE[0] <= 2:
+    float32 (0 past K). IN_X_LAYOUT: loaded as a tile of x's shape, so each thread loads the columns it
+    holds of x and no layout conversion follows (loaded once per program as (groups, GS), the weight
+    has its own layout and reaches x's through shuffles, ~2 instructions an element at one row a
+    program). Else once as (1, groups, GS), broadcast over the rows. act_quant takes the first form up
+    to two rows a program; kernels/norm.py the second (at 2 rows / 4 warps, K = 3840, the first
+    measured 90.2 against 86.5 us there; equal at one row, thirteenth run)."""
+    if IN_X_LAYOUT:
         return tl.load(tl.broadcast_to(w_ptr + cols[None, :, :], SHAPE),
                        mask=tl.broadcast_to((cols < K)[None, :, :], SHAPE), other=0.0).to(tl.float32)
     else:
@@ -196,10 +198,10 @@ def _rmsnorm_quant_row(x_ptr, w_ptr, stride_x, eps, q_ptr, s_ptr, M, K, NH: tl.c
     xh, mask_h = _load_tile(x_ptr, rows, stride_x, cols_h, rmask, K, "")
     if NT > 0:
         xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K, "")
-    wh = _norm_weight(w_ptr, cols_h, K, xh.shape)
+    wh = _norm_weight(w_ptr, cols_h, K, xh.shape, True)
     ss = _sum_squares(xh)
     if NT > 0:
-        wt = _norm_weight(w_ptr, cols_t, K, xt.shape)
+        wt = _norm_weight(w_ptr, cols_t, K, xt.shape, True)
         ss += _sum_squares(xt)
     inv = _rms_inv(ss, K, eps)
     # x read again from L1 (see the general path)
@@ -246,17 +248,17 @@ def _act_quant_kernel(
         xt, mask_t = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K, "")
     if PRODUCER == 1:  # RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w (kernels/norm.py: the same, alone)
         # the weight is loaded before the reductions, so its latency hides under theirs
-        wh = _norm_weight(w_ptr, cols_h, K, xh.shape)
+        wh = _norm_weight(w_ptr, cols_h, K, xh.shape, ROWS <= 2)
         if NT > 0:
-            wt = _norm_weight(w_ptr, cols_t, K, xt.shape)
+            wt = _norm_weight(w_ptr, cols_t, K, xt.shape, ROWS <= 2)
         ss = _sum_squares(xh)
         if NT > 0:
             ss += _sum_squares(xt)
         inv = _rms_inv(ss, K, eps)
         # x read again (an L1 hit; the cache operator keeps the load from being merged with the first)
-        # rather than held in registers across the reductions and divisions: at one row a program 80
-        # registers instead of 111, so 24 warps an SM instead of 18 (H100: 25.1 against 26.4-27.3 us at
-        # 16384 x 1408)
+        # rather than held in registers across the reductions and divisions: fewer live registers
+        # (80 instead of 111 at one row a program); H100 at 16384 x 3840, the default 2 rows / 4 warps:
+        # 72.5 against 74.9 us (thirteenth run)
         xh, _ = _load_tile(x_ptr, rows, stride_x, cols_h, rmask, K, ".ca")
         if NT > 0:
             xt, _ = _load_tile(x_ptr, rows, stride_x, cols_t, rmask, K, ".ca")

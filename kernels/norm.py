@@ -47,10 +47,10 @@ def _rms_norm_kernel(
     inv = _rms_inv(ss, K, eps)  # (ROWS,)
     y_dt = y_ptr.dtype.element_ty
     # _norm_tile rounds to x's dtype (in software under the interpreter): the casts here are exact
-    yh = _norm_tile(xh, _norm_weight(w_ptr, cols_h, K, xh.shape), inv).to(y_dt)
+    yh = _norm_tile(xh, _norm_weight(w_ptr, cols_h, K, xh.shape, False), inv).to(y_dt)
     tl.store(y_ptr + rows[:, None, None] * K + cols_h[None, :, :], yh, mask=mask_h)
     if NT > 0:
-        yt = _norm_tile(xt, _norm_weight(w_ptr, cols_t, K, xt.shape), inv).to(y_dt)
+        yt = _norm_tile(xt, _norm_weight(w_ptr, cols_t, K, xt.shape, False), inv).to(y_dt)
         tl.store(y_ptr + rows[:, None, None] * K + cols_t[None, :, :], yt, mask=mask_t)
 
 
