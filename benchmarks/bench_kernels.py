@@ -31,7 +31,7 @@ import triton.testing
 
 from fp8conv import numerics as fp8
 from fp8conv.kernels import act_quant, fp8_gemm as gemm_mod, grouped_gemm as gg
-from fp8conv.kernels.config import KernelConfig, default_config, resolve_config
+from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config, resolve_config
 from fp8conv.kernels.fp8_gemm import fp8_gemm_nt, interleave_gate_up
 from fp8conv.kernels.testing import TOL, TOL_CHAINED, check, poison, ref_gemm_nt
 from fp8conv.runtime.ops import rms_norm
@@ -149,7 +149,8 @@ def bench_dense(ms, sweep):
                 print(f"  torch._scaled_mm unavailable: {exc}")
                 tq = smm = None
             # ours: GEMM alone, Linear (quant + GEMM), RMSNorm-fused Linear
-            for variant in ("auto", "ptr"):
+            # past PROMOTE_MIN_K "auto" takes the Gluon kernel on Hopper: "tma" times the tl.dot one there
+            for variant in ("auto", "ptr") + (("tma",) if k >= PROMOTE_MIN_K else ()):
                 err = checked(fp8_gemm_nt(xq, xs, wq, ws, variant=variant), ref_lin, f"gemm {variant}")
                 g = time_us(lambda x, wb, wq, ws, xq, xs, gu, v=variant: fp8_gemm_nt(xq, xs, wq, ws, variant=v), sets)
                 record(name, f"fp8_gemm {variant}", m, n, k, g, flops, gemm_bytes, smm, "_scaled_mm", err)

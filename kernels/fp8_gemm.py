@@ -12,7 +12,12 @@ Two kernels compute the same thing:
 - ``_fp8_gemm_nt_kernel``: plain pointer loads with masks; any shape, any (unit-column) stride. Used
   when the TMA alignment does not hold, when the Triton build lacks tensor descriptors, or on request.
 
-Both take SWIGLU (``fp8_gemm_nt(..., swiglu=True)``): B holds a SwiGLU MLP's gate and up projections
+A third, ``kernels/fp8_gemm_gluon.py`` (Gluon, Hopper only), runs the plain GEMM where K needs FP32
+promotion (K >= PROMOTE_MIN_K): each 64-row part of a tile is its own warpgroup with its own wgmma
+chain, so one warpgroup's promotion overlaps the other's MMAs (``variant="gluon"``; "auto" takes it
+there when ``gluon_dense_ok`` and the config is one of its forms, ``gluon_form``).
+
+The first two take SWIGLU (``fp8_gemm_nt(..., swiglu=True)``): B holds a SwiGLU MLP's gate and up projections
 pair-interleaved (row 2p = gate c, row 2p + 1 = up c, c = ``swiglu_order(I)[p]``: ``interleave_gate_up``),
 and the epilogue writes silu(gate) * up, N / 2 columns. A wgmma accumulator thread holds output columns
 in adjacent pairs, so the split into gate and up is a register rename, and the (M, 2I) gate/up output
@@ -331,6 +336,38 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, order: int | None =
     return w.view(torch.float8_e4m3fn) if fp8 else w
 
 
+# the Gluon kernel's shared memory: the H100's and H200's per-block limit (227 KiB)
+_GLUON_SMEM = 232448
+
+
+def gluon_form(cfg: KernelConfig, out_elem: int = 2) -> bool:
+    """Whether ``cfg`` is a form of the Gluon kernel (kernels/fp8_gemm_gluon.py): a consumer warpgroup per
+    64 rows (BLOCK_M 128 at 8 warps or 192 at 12), BLOCK_N 64 or 128, BLOCK_K 128, no split-K, one program
+    per SM, and its ring (STAGES x (BLOCK_M + BLOCK_N) x 128 bytes) and output tile within shared memory."""
+    smem = cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * 128 + cfg.BLOCK_M * cfg.BLOCK_N * out_elem
+    return (cfg.BLOCK_M in (128, 192) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_N in (64, 128)
+            and cfg.BLOCK_K == 128 and cfg.SPLIT_K == 1 and cfg.PROGRAMS_PER_SM == 1 and cfg.num_stages >= 2
+            and smem + 1024 <= _GLUON_SMEM)
+
+
+def gluon_dense_ok(device) -> bool:
+    """Whether the Gluon kernel can run on ``device``: grouped_gemm.gluon_ok's conditions (CUDA, compute
+    capability 9.x, Triton GLUON_TRITON with Gluon; FP8CONV_GLUON=0 turns it off)."""
+    from fp8conv.kernels.grouped_gemm import gluon_ok
+
+    return gluon_ok(device)
+
+
+def _gluon_piece(promote: int, k_tiles: int) -> int:
+    """K blocks (of 128) per wgmma chain of the Gluon kernel for a promotion mode: all of K (0), one (1),
+    or _chunks' split of K into chains of at most PROMOTE_MIN_K (2)."""
+    if promote == 0:
+        return k_tiles
+    if promote == 1:
+        return 1
+    return -(-k_tiles // _chunks(2, k_tiles, 128))
+
+
 def _check(a, a_scale, b, b_scale, out_dtype):
     for t, name in ((a, "a"), (b, "b")):
         if t.dtype != torch.float8_e4m3fn:
@@ -351,6 +388,9 @@ def _check(a, a_scale, b, b_scale, out_dtype):
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
     return m, n, k
+
+
+VARIANTS = ("auto", "tma", "tma_ws", "ptr", "gluon")
 
 
 def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -375,7 +415,9 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     promote: FP32 promotion of the tensor cores' chained sums: False/0 none, True/1 every BLOCK_K step,
     2 chains of at most PROMOTE_MIN_K (at least two); None: PROMOTE_DEFAULT when one program's chain
     (K / SPLIT_K) is >= PROMOTE_MIN_K (see the comment at PROMOTE_MODES).
-    variant "tma_ws": TMA + warp specialization (as config.WARP_SPEC = 1 does).
+    variant "tma_ws": TMA + warp specialization (as config.WARP_SPEC = 1 does). variant "gluon": the Gluon
+    kernel (Hopper; contiguous operands, the TMA alignment, no swiglu, a config that is one of its forms:
+    gluon_form); "auto" takes it where promote resolves to 2 and those hold (gluon_dense_ok).
     config.SPLIT_K > 1 (TMA variants only; the pointer kernel ignores it): each output tile's K steps
     are split over that many programs, which write FP32 partial tiles to a workspace; the last to finish
     sums them in split order and writes the tile (deterministic). For small M, where the output tiles
@@ -383,6 +425,8 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
     share the arrival counters).
     """
     m, n, k = _check(a, a_scale, b, b_scale, out_dtype)
+    if variant not in VARIANTS:
+        raise ValueError(f"fp8_gemm_nt: variant must be one of {VARIANTS}, got {variant!r}")
     if swiglu and n % 2:
         raise ValueError(f"swiglu needs b with an even number of rows (gate and up interleaved), got {n}")
     sw = 0 if not swiglu else (SWIGLU_ORDER if swiglu_order is None else swiglu_order)
@@ -411,6 +455,23 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         split = 1
     promote = _promote_mode(promote, triton.cdiv(k_tiles, split) * cfg.BLOCK_K)
     chunks = _chunks(promote, triton.cdiv(k_tiles, split), cfg.BLOCK_K)
+    elem = out.element_size()
+    if variant == "gluon":
+        why = ("swiglu" if swiglu else "operands not contiguous" if not (a.is_contiguous() and b.is_contiguous())
+               else "K % 16 or the output's row bytes % 16" if not tma_ok(m, n_out, k, out_dtype)
+               else f"config {cfg} is not one of its forms (gluon_form)" if not gluon_form(cfg, elem)
+               else "not a Hopper GPU with Triton's Gluon" if not gluon_dense_ok(a.device) else "")
+        if why:
+            raise ValueError(f"fp8_gemm_nt variant 'gluon': {why}")
+    if variant == "gluon" or (variant == "auto" and use_tma and not swiglu and promote == 2 and split == 1
+                              and gluon_form(cfg, elem) and gluon_dense_ok(a.device)):
+        from fp8conv.kernels import fp8_gemm_gluon
+
+        k128 = triton.cdiv(k, 128)
+        fp8_gemm_gluon.launch(a, a_scale, b, b_scale, out, block_m=cfg.BLOCK_M, block_n=cfg.BLOCK_N,
+                              group_m=cfg.GROUP_M, stages=cfg.num_stages, piece=_gluon_piece(promote, k128),
+                              programs=min(_num_sms(a.device.index or 0), tiles))
+        return out
     if use_tma:
         TD = _tensor_descriptor()
         a_d = TD.from_tensor(a.contiguous(), [cfg.BLOCK_M, cfg.BLOCK_K])

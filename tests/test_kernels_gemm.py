@@ -242,3 +242,64 @@ def test_gemm_swiglu_epilogue_cuda(m):
             q0, s0 = act_quant.swiglu_quant(gu[:, 0::2][:, pos].contiguous(), gu[:, 1::2][:, pos].contiguous())
             q1, s1 = act_quant.per_token_quant(out)
             assert torch.equal(s0, s1) and torch.equal(q0.view(torch.uint8), q1.view(torch.uint8)), (m, variant, cfg)
+
+
+# -- the Gluon kernel (kernels/fp8_gemm_gluon.py): Hopper only; its selection is checked everywhere ------------
+
+GLUON_DEFAULT = default_config("fp8_gemm", 16384, 1408, 3840)
+
+
+def test_gluon_forms_and_chains():
+    """Which configs the Gluon kernel takes (a consumer warpgroup per 64 rows, one program per SM, the ring
+    within shared memory), and its chain lengths per promotion mode: mode 2 splits K as the tl.dot kernel's
+    pieces do (at most PROMOTE_MIN_K a chain, at least two chains)."""
+    from fp8conv.kernels.fp8_gemm import _gluon_piece, gluon_form
+
+    assert gluon_form(GLUON_DEFAULT)
+    assert gluon_form(KernelConfig(BLOCK_M=192, BLOCK_N=128, BLOCK_K=128, num_warps=12, num_stages=4))
+    assert gluon_form(KernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=6))
+    for bad in (dict(num_warps=4), dict(BLOCK_M=64, num_warps=4), dict(BLOCK_N=256), dict(BLOCK_K=256),
+                dict(SPLIT_K=2), dict(PROGRAMS_PER_SM=2), dict(num_stages=7), dict(num_stages=1)):
+        assert not gluon_form(KernelConfig(**{**GLUON_DEFAULT.to_dict(), **bad})), bad
+    assert gluon_form(KernelConfig(**{**GLUON_DEFAULT.to_dict(), "num_stages": 6}))
+    assert not gluon_form(KernelConfig(**{**GLUON_DEFAULT.to_dict(), "num_stages": 6}), out_elem=4)
+    assert [_gluon_piece(2, t) for t in (30, 32, 33, 16, 1)] == [15, 16, 11, 8, 1]
+    assert _gluon_piece(0, 30) == 30 and _gluon_piece(1, 30) == 1
+
+
+def test_gluon_variant_is_refused_where_it_cannot_run():
+    """variant='gluon' says why it cannot run (no Hopper GPU here, or a config that is not one of its
+    forms); an unknown variant is an error, not the pointer kernel."""
+    from fp8conv.kernels.fp8_gemm import gluon_dense_ok
+
+    a, sa, b, sb = _operands(7, 64, 2064, seed=2)
+    if not gluon_dense_ok(a.device):
+        with pytest.raises(ValueError, match="variant 'gluon'"):
+            fp8_gemm_nt(a, sa, b, sb, config=GLUON_DEFAULT, variant="gluon")
+    with pytest.raises(ValueError, match="gluon_form"):
+        fp8_gemm_nt(a, sa, b, sb, config=SMALL, variant="gluon")
+    with pytest.raises(ValueError, match="variant must be one of"):
+        fp8_gemm_nt(a, sa, b, sb, variant="cutlass")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("m,n,k", [(1, 1408, 3840), (7, 136, 2064), (83, 1000, 4096), (300, 72, 2176),
+                                   (4096, 1408, 3840), (16384, 1408, 3840)])
+def test_gemm_gluon_cuda(m, n, k):
+    """The Gluon kernel at long K (M, N, K tails; chains of 15, 8, 11 ... blocks, the last one shorter) in
+    its forms, every promotion mode that holds the 1e-3 gate, and bf16 / fp16 / fp32 outputs; 'auto' takes
+    it for the long-K default config (the same bits as variant='gluon')."""
+    from fp8conv.kernels.fp8_gemm import gluon_dense_ok
+
+    a, sa, b, sb = _operands(m, n, k, seed=m + n + k)
+    if not gluon_dense_ok(a.device):
+        pytest.skip("the Gluon kernel needs a Hopper GPU and Triton's Gluon")
+    forms = [GLUON_DEFAULT, KernelConfig(BLOCK_M=192, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=12, num_stages=4),
+             KernelConfig(BLOCK_M=128, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=6)]
+    for cfg, promote, dtype in [(forms[0], None, torch.bfloat16), (forms[0], 1, torch.float16),
+                                (forms[1], 2, torch.bfloat16), (forms[2], 2, torch.float32)]:
+        out = poison(torch.empty(m, n, dtype=dtype, device="cuda"))
+        fp8_gemm_nt(a, sa, b, sb, dtype, config=cfg, variant="gluon", out=out, promote=promote)
+        check(out, ref_gemm_nt(a, sa, b, sb, dtype), what=f"gluon {m}x{n}x{k} {cfg} promote {promote}")
+    ref = fp8_gemm_nt(a, sa, b, sb, config=GLUON_DEFAULT, variant="gluon")
+    assert torch.equal(fp8_gemm_nt(a, sa, b, sb, config=GLUON_DEFAULT), ref)
