@@ -127,13 +127,14 @@ def default_config(kernel: str, m: int, n: int, k: int, gate_up: bool | None = N
             return KernelConfig(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
         # H100 sweep at M = 16384 (docs/benchmarks.md): 128x256x128, 8 warps, 3 stages is best or within
         # 1% of best on every preset shape. With promotion (K >= PROMOTE_MIN_K) the Gluon kernel runs on
-        # Hopper (kernels/fp8_gemm_gluon.py): 128x128, two consumer warpgroups, 5 stages (H100, 16384 x
-        # 1408 x 3840: 145 us against 151 for `_scaled_mm` and 161 for the tl.dot kernel's default; s4
-        # 149, s6 150, 192 rows 160; docs/benchmarks.md, fourteenth run). Elsewhere the tl.dot kernel takes
-        # the same config warp-specialised (the second accumulator makes 128x256 spill; s4 157 us there).
-        # Five stages keep the Gluon ring and a float32 output tile within shared memory.
+        # Hopper (kernels/fp8_gemm_gluon.py): 128x128, two consumer warpgroups, 5 stages, tiles in row
+        # order (GROUP_M 1). H100, 16384 x 1408 x 3840, medians of 4 rounds: 146.1 us against 152.5 for
+        # GROUP_M 8 and 162.0 for `_scaled_mm`; the tl.dot kernel 161-168 in the same runs; s4, s6 and 192
+        # rows no better (docs/benchmarks.md, fourteenth run). Elsewhere the tl.dot kernel takes the same
+        # config warp-specialised (the second accumulator makes 128x256 spill). Five stages keep the
+        # Gluon ring and a float32 output tile within shared memory.
         if k >= PROMOTE_MIN_K:
-            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=5,
+            return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=8, num_stages=5,
                                 WARP_SPEC=1)
         if n <= 128:
             return KernelConfig(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
