@@ -286,9 +286,9 @@ def test_gluon_variant_is_refused_where_it_cannot_run():
 @pytest.mark.parametrize("m,n,k", [(1, 1408, 3840), (7, 136, 2064), (83, 1000, 4096), (300, 72, 2176),
                                    (4096, 1408, 3840), (16384, 1408, 3840)])
 def test_gemm_gluon_cuda(m, n, k):
-    """The Gluon kernel at long K (M, N, K tails; chains of 15, 8, 11 ... blocks, the last one shorter) in
-    its forms, every promotion mode that holds the 1e-3 gate, and bf16 / fp16 / fp32 outputs; 'auto' takes
-    it for the long-K default config (the same bits as variant='gluon')."""
+    """The Gluon kernel at long K (M, N, K tails; mode 2's chains of 15, 9 and 16 blocks, the second one
+    shorter where the block count is odd, and mode 1's single blocks) in its forms, with bf16 / fp16 /
+    fp32 outputs; 'auto' takes it for the long-K default config (the same bits as variant='gluon')."""
     from fp8conv.kernels.fp8_gemm import gluon_dense_ok
 
     a, sa, b, sb = _operands(m, n, k, seed=m + n + k)
