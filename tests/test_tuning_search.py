@@ -1,6 +1,7 @@
 """The tuner's search loop with a fake bench and timer (CPU): picks the fastest correct candidate, never
 times a wrong or broken one, stops early and at its deadline, and resumes after an interruption."""
 
+import dataclasses
 import math
 
 import pytest
@@ -248,3 +249,27 @@ def test_swiglu_gemm_candidates_fit_and_include_two_programs_per_sm():
     assert all(c.PROGRAMS_PER_SM == 1 for c in candidates.candidates(plain, lim, keep=24))
     assert "fp8_gemm's field only" in candidates.fits(Problem("fp8_grouped_gemm", 2816, 1408, 900, rows=49152,
                                                               experts=53, top_k=3, swiglu=True), two, lim)
+
+
+def test_gluon_forms_are_timed_once():
+    """Where fp8_gemm's promoted GEMMs run in Gluon, two candidates that differ only in WARP_SPEC (a tl.dot
+    field) are one kernel: the second is dropped. Nothing changes below PROMOTE_MIN_K, on other kernels, or
+    where the tl.dot kernel runs them."""
+    from fp8conv.kernels.config import default_config
+    from fp8conv.kernels.fp8_gemm import gluon_form
+    from fp8conv.tuning import candidates
+
+    lim = candidates.H100
+    p = Problem("fp8_gemm", 1408, 3840, 16384, rows=16384)
+    cands = candidates.candidates(p, lim, keep=24)
+    kept = candidates.distinct_kernels(cands, p, gluon=True)
+    assert kept[0] == cands[0] == default_config("fp8_gemm", 16384, 1408, 3840)
+    forms = [c for c in cands if gluon_form(c)]
+    pairs = {c for c in forms if c.WARP_SPEC == 0} & {dataclasses.replace(c, WARP_SPEC=0) for c in forms if c.WARP_SPEC}
+    assert pairs, "the space should hold a Gluon form with and without WARP_SPEC"
+    assert len(kept) == len(cands) - len(pairs)
+    assert all(c in kept for c in cands if not gluon_form(c))
+    assert candidates.distinct_kernels(cands, p, gluon=False) == cands
+    short = Problem("fp8_gemm", 1408, 1408, 16384, rows=16384)
+    assert candidates.distinct_kernels(candidates.candidates(short, lim), short, gluon=True) == \
+        candidates.candidates(short, lim)

@@ -187,6 +187,24 @@ def candidates(p: Problem, lim: Limits, keep: int = 24, slack: float = 2.0) -> l
     return [default] + whole + _diverse(split, keep - 1 - len(whole))
 
 
+def distinct_kernels(cands: list[KernelConfig], p: Problem, gluon: bool) -> list[KernelConfig]:
+    """``cands`` without the configs that would time the same kernel with the same parameters as an earlier
+    one. Where fp8_gemm's promoted GEMMs (K >= PROMOTE_MIN_K) run in Gluon (``gluon``: this GPU, as
+    fp8_gemm.gluon_dense_ok says), a config that is a Gluon form (fp8_gemm.gluon_form) ignores WARP_SPEC,
+    a field of the tl.dot kernel: of two such configs that differ only there, the first is kept."""
+    if not gluon or p.kernel != "fp8_gemm" or p.k < PROMOTE_MIN_K:
+        return cands
+    from fp8conv.kernels.fp8_gemm import gluon_form
+
+    seen, out = set(), []
+    for c in cands:
+        key = KernelConfig.from_dict({**c.to_dict(), "WARP_SPEC": 0}) if gluon_form(c) else c
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
 def _splits(p: Problem, bm: int, bn: int, bk: int, lim: Limits) -> tuple[int, ...]:
     """SPLIT_K values worth trying (fp8_gemm only): splits of K over programs when the output tiles
     alone fill less than half the SMs and every split keeps at least two K steps. Measured on an H100

@@ -60,6 +60,7 @@ def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, 
     import torch
 
     from fp8conv import ui
+    from fp8conv.kernels.fp8_gemm import gluon_dense_ok
     from fp8conv.tuning import candidates, gpu, search
 
     if bench is None and not torch.cuda.is_available():
@@ -74,6 +75,8 @@ def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, 
     timer = timer or gpu.cuda_timer
     triton_v, torch_v = versions()
     lim = lim or candidates.device_limits()
+    # fp8_gemm's promoted GEMMs run in Gluon on this GPU: WARP_SPEC variants of its forms are one kernel
+    gluon = gluon_dense_ok(getattr(bench, "device", "cpu"))
     t0 = time.monotonic()
     if not quiet:
         ui.log(f"tune {src.label} on {device} (Triton {triton_v}, torch {torch_v}): {len(targets)} shapes, "
@@ -99,7 +102,8 @@ def tune(src: Source, load: shapes.Load, out_dir: Path, budget_s: float | None, 
 
         outcomes = search.run_targets(
             targets, out_dir, device, bench, timer,
-            lambda p: candidates.candidates(p, lim, keep=keep), triton=triton_v, torch=torch_v,
+            lambda p: candidates.distinct_kernels(candidates.candidates(p, lim, keep=keep), p, gluon),
+            triton=triton_v, torch=torch_v,
             budget_s=budget_s, force=force, patience=patience, on_start=on_start, on_trial=on_trial,
             on_done=on_done, warn=ui.log)
     lookup.clear()
