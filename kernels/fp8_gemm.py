@@ -455,23 +455,22 @@ def fp8_gemm_nt(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale
         split = 1
     promote = _promote_mode(promote, triton.cdiv(k_tiles, split) * cfg.BLOCK_K)
     chunks = _chunks(promote, triton.cdiv(k_tiles, split), cfg.BLOCK_K)
-    elem = out.element_size()
-    if variant == "gluon":
+    if variant == "gluon" or (variant == "auto" and promote == 2 and split == 1):
+        # what keeps the Gluon kernel from this call, cheapest check first ("" if nothing does)
         why = ("swiglu" if swiglu else "operands not contiguous" if not (a.is_contiguous() and b.is_contiguous())
                else "K % 16 or the output's row bytes % 16" if not tma_ok(m, n_out, k, out_dtype)
-               else f"config {cfg} is not one of its forms (gluon_form)" if not gluon_form(cfg, elem)
+               else f"config {cfg} is not one of its forms (gluon_form)" if not gluon_form(cfg, out.element_size())
                else "not a Hopper GPU with Triton's Gluon" if not gluon_dense_ok(a.device) else "")
-        if why:
+        if why and variant == "gluon":
             raise ValueError(f"fp8_gemm_nt variant 'gluon': {why}")
-    if variant == "gluon" or (variant == "auto" and use_tma and not swiglu and promote == 2 and split == 1
-                              and gluon_form(cfg, elem) and gluon_dense_ok(a.device)):
-        from fp8conv.kernels import fp8_gemm_gluon
+        if not why:
+            from fp8conv.kernels import fp8_gemm_gluon
 
-        k128 = triton.cdiv(k, 128)
-        fp8_gemm_gluon.launch(a, a_scale, b, b_scale, out, block_m=cfg.BLOCK_M, block_n=cfg.BLOCK_N,
-                              group_m=cfg.GROUP_M, stages=cfg.num_stages, piece=_gluon_piece(promote, k128),
-                              programs=min(_num_sms(a.device.index or 0), tiles))
-        return out
+            fp8_gemm_gluon.launch(a, a_scale, b, b_scale, out, block_m=cfg.BLOCK_M, block_n=cfg.BLOCK_N,
+                                  group_m=cfg.GROUP_M, stages=cfg.num_stages,
+                                  piece=_gluon_piece(promote, triton.cdiv(k, 128)),
+                                  programs=min(_num_sms(a.device.index or 0), tiles))
+            return out
     if use_tma:
         TD = _tensor_descriptor()
         a_d = TD.from_tensor(a.contiguous(), [cfg.BLOCK_M, cfg.BLOCK_K])

@@ -18,6 +18,7 @@ short ones), and its estimate is the scores' bytes at the bandwidth the resident
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -198,7 +199,7 @@ def distinct_kernels(cands: list[KernelConfig], p: Problem, gluon: bool) -> list
 
     seen, out = set(), []
     for c in cands:
-        key = KernelConfig.from_dict({**c.to_dict(), "WARP_SPEC": 0}) if gluon_form(c) else c
+        key = dataclasses.replace(c, WARP_SPEC=0) if gluon_form(c) else c
         if key not in seen:
             seen.add(key)
             out.append(c)
