@@ -50,6 +50,10 @@ PROMOTE_MIN_K = 2048
 # step: 186-198 us in the same run, 2.1e-4; the gate is 1e-3)
 PROMOTE_DEFAULT = 2
 
+# shared memory a block may opt in to on the H100 and H200 (227 KiB): the Gluon dense kernel's form check
+# (fp8_gemm.gluon_form) and the tuner's H100 limits where no GPU can be asked (tuning/candidates.H100)
+HOPPER_MAX_SHARED = 232448
+
 
 def sorted_rows_aligned(d: int, inter: int) -> bool:
     """Whether the grouped GEMMs' rows are 16-byte aligned for TMA (x and y rows of d, the down weight's

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fp8conv.kernels.act_quant import round_to, swiglu_values
-from fp8conv.kernels.config import PROMOTE_DEFAULT, PROMOTE_MIN_K, KernelConfig, default_config
+from fp8conv.kernels.config import HOPPER_MAX_SHARED, PROMOTE_DEFAULT, PROMOTE_MIN_K, KernelConfig, default_config
 
 KERNEL_NAME = "fp8_gemm"
 
@@ -336,10 +336,6 @@ def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, order: int | None =
     return w.view(torch.float8_e4m3fn) if fp8 else w
 
 
-# the Gluon kernel's shared memory: the H100's and H200's per-block limit (227 KiB)
-_GLUON_SMEM = 232448
-
-
 def gluon_form(cfg: KernelConfig, out_elem: int = 2) -> bool:
     """Whether ``cfg`` is a form of the Gluon kernel (kernels/fp8_gemm_gluon.py): a consumer warpgroup per
     64 rows (BLOCK_M 128 at 8 warps or 192 at 12), BLOCK_N 64 or 128, BLOCK_K 128, no split-K, one program
@@ -347,7 +343,7 @@ def gluon_form(cfg: KernelConfig, out_elem: int = 2) -> bool:
     smem = cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * 128 + cfg.BLOCK_M * cfg.BLOCK_N * out_elem
     return (cfg.BLOCK_M in (128, 192) and cfg.num_warps == cfg.BLOCK_M // 16 and cfg.BLOCK_N in (64, 128)
             and cfg.BLOCK_K == 128 and cfg.SPLIT_K == 1 and cfg.PROGRAMS_PER_SM == 1 and cfg.num_stages >= 2
-            and smem + 1024 <= _GLUON_SMEM)
+            and smem + 1024 <= HOPPER_MAX_SHARED)
 
 
 def gluon_dense_ok(device) -> bool:

@@ -23,7 +23,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from fp8conv.kernels.config import PROMOTE_MIN_K, KernelConfig, default_config
+from fp8conv.kernels.config import HOPPER_MAX_SHARED, PROMOTE_MIN_K, KernelConfig, default_config
 from fp8conv.tuning.shapes import GEMMS, GROUPED, Problem
 
 ACC_REGS_BUDGET = 160  # fp32 accumulator registers per thread beyond which spills start (docs/kernels.md)
@@ -46,7 +46,7 @@ class Limits:
 
 
 # The H100 SXM's numbers, for the CPU (tests, --show) where no GPU can be asked.
-H100 = Limits("NVIDIA H100 80GB HBM3", sms=132, max_shared=232448, max_regs=65536)
+H100 = Limits("NVIDIA H100 80GB HBM3", sms=132, max_shared=HOPPER_MAX_SHARED, max_regs=65536)
 
 
 def device_limits(device_index: int | None = None) -> Limits:
